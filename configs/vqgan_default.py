@@ -1,0 +1,85 @@
+"""Default stage-1 (VQGAN) config: every field, commented. Other configs override it.
+
+Model keys carry the names of taming-transformers' yaml (`ch`, `ch_mult`, ...), so a
+reference config ports by hand. Defaults are the reference's f16 ImageNet model.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = "vqgan"  # which trainer/loader this config belongs to
+
+  # --- Model (reference yaml names) ---
+  m = config.model = ml_collections.ConfigDict()
+  m.ch = 128                    # base channel count
+  m.ch_mult = (1, 1, 2, 2, 4)   # channel multiplier per level; f = 2**(len-1)
+  m.num_res_blocks = 2          # ResnetBlocks per level (decoder uses one more)
+  m.attn_resolutions = (16,)    # resolutions (in pixels of the feature map) with AttnBlocks
+  m.dropout = 0.0
+  m.resolution = 256            # training image size; fixes where attention sits
+  m.in_channels = 3
+  m.out_ch = 3
+  m.z_channels = 256            # encoder output channels
+  m.embed_dim = 256             # code dimension (quant_conv output)
+  m.n_embed = 1024              # codebook size K
+  m.beta = 0.25                 # commitment weight
+  m.legacy_beta = True          # True: reference placement of beta; False: VQ-VAE placement
+  m.codebook_dim = 0            # >0: look codes up in this low dimension (ViT-VQGAN/LlamaGen)
+  m.l2_normalize = False        # compare l2-normalised latents and codes
+  m.restart_dead_codes = False  # replace codes unused for a while by batch latents
+  m.dead_code_decay = 0.99      # EMA decay of per-code usage counts
+  m.dead_code_threshold = 0.03  # restart a code when its EMA count per step falls below this
+
+  # --- Loss (reference `VQLPIPSWithDiscriminator`) ---
+  l = config.loss = ml_collections.ConfigDict()
+  l.pixel_loss = "l1"           # "l1" (reference) | "l2"
+  l.perceptual_weight = 1.0     # LPIPS weight; 0 disables LPIPS
+  l.codebook_weight = 1.0
+  l.disc_start = 250001         # step at which the GAN terms switch on
+  l.disc_weight = 0.8           # multiplies the adaptive weight lambda
+  l.disc_factor = 1.0
+  l.disc_loss = "hinge"         # "hinge" | "vanilla"
+  l.disc_num_layers = 3
+  l.disc_ndf = 64
+  l.disc_norm = "batch"         # "batch" (reference) | "group" | "none"
+  l.adaptive_weight = True      # False: lambda = disc_weight (for ablations)
+
+  # --- Data (see vqgan_jax/data.py) ---
+  from vqgan_jax import data  # local import keeps config files cheap to read
+  config.data = data.default_data_config()
+  config.data.image_size = 256
+  config.data.photos.photo_short_side = 512  # the bundled photos need room for 256 crops
+
+  # --- Optimisation ---
+  config.batch_size = 12               # global batch size (all processes)
+  config.base_learning_rate = 4.5e-6   # lr = base_learning_rate * batch_size ...
+  config.learning_rate = 0.0           # ... unless this is > 0
+  config.adam_b1 = 0.5
+  config.adam_b2 = 0.9
+  config.grad_clip_norm = 0.0          # 0: no clipping (reference)
+  config.num_train_steps = 500_000
+  config.seed = 0
+
+  # --- Numerics / performance ---
+  config.compute_dtype = "float32"     # "bfloat16" for mixed precision (params stay f32)
+  config.nonfinite_policy = "error"    # "error" | "skip": what to do on a NaN/Inf loss
+
+  # --- Mesh (see vqgan_jax/sharding.py) ---
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1                # -1: all remaining devices
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  # --- Logging, evaluation, checkpoints ---
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.num_eval_batches = 8          # 0: the whole val split
+  config.eval_batch_size = 16
+  config.image_every_steps = 1000      # reconstruction grids (PNG + TensorBoard)
+  config.checkpoint_every_steps = 1000
+  config.max_checkpoints_to_keep = 3
+  config.async_checkpointing = True
+  config.force_resume = False          # resume even if the workdir's model config differs
+  return config

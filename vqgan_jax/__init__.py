@@ -1,0 +1,3 @@
+"""vqgan_jax: Taming Transformers (VQGAN + GPT) in JAX/Flax."""
+
+__version__ = "0.1.0"

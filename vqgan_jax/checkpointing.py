@@ -1,0 +1,195 @@
+"""Orbax checkpoints for both stages, and the stage-1 -> stage-2 hand-off.
+
+A checkpoint step holds these items:
+  model      the parameters a later stage or evaluation needs (stage 1: the VQGAN
+             generator, codebook included; stage 2: the GPT)
+  trainer    everything else needed to resume exactly (step, optimiser states,
+             discriminator, code-usage statistics)
+  data       the grain iterator state of each process
+  metadata   JSON: stage, step, full config, codebook size, code dimension, latent grid
+
+`load_stage1(workdir)` is the one validated way for stage 2, evaluation and token
+export to get a frozen VQGAN: it rebuilds the model from the checkpoint's own config and
+restores only the `model` item, onto whatever devices this process has.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A workdir or checkpoint that cannot be used as asked."""
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def make_manager(workdir: str, max_to_keep: int = 3, async_checkpointing: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_checkpointing,
+      # A write killed midway leaves a temporary folder; it is never a restore candidate
+      # and is removed when the next manager starts.
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, model_params: Any, trainer_state: Any,
+         metadata: Dict[str, Any], data_iterator=None, force: bool = False) -> bool:
+  import grain  # pylint: disable=g-import-not-at-top
+  items = dict(model=ocp.args.StandardSave(model_params),
+               trainer=ocp.args.StandardSave(trainer_state),
+               metadata=ocp.args.JsonSave(metadata))
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+  restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  return restored["metadata"]
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_model: Any,
+            abstract_trainer: Any = None, data_iterator=None) -> Dict[str, Any]:
+  """Restores the named items onto the shardings given in the abstract trees."""
+  import grain  # pylint: disable=g-import-not-at-top
+  items = dict(model=ocp.args.StandardRestore(abstract_model),
+               metadata=ocp.args.JsonRestore())
+  if abstract_trainer is not None:
+    items["trainer"] = ocp.args.StandardRestore(abstract_trainer)
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_from_dict(values: Dict[str, Any]) -> ml_collections.ConfigDict:
+  def convert(value):
+    if isinstance(value, dict):
+      return ml_collections.ConfigDict({k: convert(v) for k, v in value.items()})
+    if isinstance(value, list):
+      return tuple(convert(v) for v in value)
+    return value
+  return convert(values)
+
+
+def check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str,
+                     force: bool = False) -> None:
+  """Refuses to resume a workdir whose model config differs from the current one."""
+  differences = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+                 if _normalise(saved.get(k)) != _normalise(current.get(k))}
+  if differences and not force:
+    listed = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}"
+                       for k, (a, b) in differences.items())
+    raise CheckpointError(
+        f"{workdir} holds a checkpoint of a different model ({listed}). Use a new workdir, "
+        "or pass --config.force_resume=True to load it anyway.")
+  if differences:
+    logging.warning("Resuming %s despite model differences: %s", workdir, differences)
+
+
+def _normalise(value):
+  if isinstance(value, (list, tuple)):
+    return [_normalise(v) for v in value]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenStage1:
+  """A restored VQGAN: the Flax module, its parameters and what the checkpoint says of it."""
+  model: Any
+  params: Any
+  config: ml_collections.ConfigDict
+  metadata: Dict[str, Any]
+  step: int
+
+  @property
+  def n_embed(self) -> int:
+    return int(self.metadata["n_embed"])
+
+  @property
+  def lookup_dim(self) -> int:
+    return int(self.metadata["lookup_dim"])
+
+  @property
+  def downsample_factor(self) -> int:
+    return int(self.metadata["downsample_factor"])
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  if not checkpoint_dir(workdir).exists():
+    return None
+  return make_manager(workdir, read_only=True).latest_step()
+
+
+def load_stage1(workdir: str, step: Optional[int] = None, sharding=None) -> FrozenStage1:
+  """Restores the VQGAN generator of a stage-1 workdir (newest step unless `step`)."""
+  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  if not workdir or not epath.Path(workdir).exists():
+    raise CheckpointError(f"stage-1 workdir {workdir!r} does not exist")
+  if not checkpoint_dir(workdir).exists():
+    raise CheckpointError(f"stage-1 workdir {workdir} has no checkpoints/ folder")
+  manager = make_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"stage-1 workdir {workdir} holds no finished checkpoint")
+  if step is None or step < 0:
+    step = max(steps)
+  elif step not in steps:
+    raise CheckpointError(f"stage-1 workdir {workdir} has no step {step}; it has {sorted(steps)}")
+  metadata = read_metadata(manager, step)
+  if metadata.get("stage") != "vqgan":
+    raise CheckpointError(f"{workdir} step {step} is a {metadata.get('stage')!r} checkpoint, "
+                          "not a stage-1 VQGAN")
+  config = config_from_dict(metadata["config"])
+  model = vqgan.vqmodel_from_config(config.model)
+  abstract = abstract_vqgan_params(model, config.model.resolution)
+  if sharding is not None:
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+  else:
+    device = jax.local_devices()[0]
+    single = jax.sharding.SingleDeviceSharding(device)
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+  return FrozenStage1(model=model, params=restored["model"], config=config,
+                      metadata=metadata, step=int(step))
+
+
+def abstract_vqgan_params(model, resolution: int):
+  x = jax.ShapeDtypeStruct((1, resolution, resolution, model.in_channels), jax.numpy.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(x.shape)))
+  return variables["params"]
+
+
+def stage1_metadata(config: ml_collections.ConfigDict, step: int) -> Dict[str, Any]:
+  m = config.model
+  f = 2 ** (len(m.ch_mult) - 1)
+  return {
+      "format_version": FORMAT_VERSION,
+      "stage": "vqgan",
+      "step": int(step),
+      "n_embed": int(m.n_embed),
+      "embed_dim": int(m.embed_dim),
+      "lookup_dim": int(m.codebook_dim or m.embed_dim),
+      "downsample_factor": f,
+      "latent_grid": [m.resolution // f, m.resolution // f],
+      "config": config_to_dict(config),
+  }

@@ -1,0 +1,1 @@
+"""Flax linen models: VQGAN (stage 1), discriminator, LPIPS, GPT (stage 2), InceptionV3."""

@@ -1,0 +1,264 @@
+"""The stage-2 GPT of taming-transformers (Karpathy's minGPT) with a functional KV cache.
+
+Architecture (as the reference `taming/modules/transformer/mingpt.py`):
+  tokens -> wte + wpe -> dropout(embd_pdrop)
+         -> n_layer x [x + attn(ln1(x)); x + mlp(ln2(x))]
+         -> ln_f -> head (no bias) -> logits (float32)
+  attn: separate query/key/value Dense (with bias), causal attention over n_head heads,
+        dropout(attn_pdrop) on the attention probabilities, proj Dense, dropout(resid_pdrop)
+  mlp:  fc (n_embd -> 4 n_embd), exact GELU, proj (-> n_embd), dropout(resid_pdrop)
+  LayerNorm eps 1e-5. Init: Dense/Embed weights N(0, 0.02), biases 0, LayerNorm 1/0,
+  position embedding zeros.
+
+Parameter tree (PyTorch reference name -> here; Linear weights are transposed):
+  tok_emb.weight                 -> wte/embedding                    (vocab, n_embd)
+  pos_emb (1, block, n_embd)     -> wpe                              (block, n_embd)
+  blocks.{i}.ln1.{weight,bias}   -> blocks_{i}/ln1/{scale,bias}
+  blocks.{i}.attn.{key,query,value,proj}.{weight,bias}
+                                 -> blocks_{i}/attn/{key,query,value,proj}/{kernel,bias}
+  blocks.{i}.ln2.{weight,bias}   -> blocks_{i}/ln2/{scale,bias}
+  blocks.{i}.mlp.0.{weight,bias} -> blocks_{i}/mlp/fc/{kernel,bias}
+  blocks.{i}.mlp.2.{weight,bias} -> blocks_{i}/mlp/proj/{kernel,bias}
+  ln_f.{weight,bias}             -> ln_f/{scale,bias}
+  head.weight                    -> head/kernel                      (n_embd, vocab)
+
+Decoding API (explicit, functional caches; no mutable collections):
+  cache = model.init_cache(batch_size, max_length)            # no params needed
+  logits, cache = model.apply(params, tokens, cache, method=GPT.prefill)
+  logits, cache = model.apply(params, token, position, cache, method=GPT.decode_step)
+The cache is {"index": int32 scalar (next position to write), "layers": tuple of per-layer
+kernel caches} (see `vqgan_jax.models.attention`).
+"""
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vqgan_jax.models.attention import SoftmaxAttention, get_attention
+
+_dense_init = nn.initializers.normal(stddev=0.02)
+
+
+def _dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=_dense_init, bias_init=nn.initializers.zeros, name=name)
+
+
+def _layer_norm(dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class CausalSelfAttention(nn.Module):
+  n_head: int
+  n_embd: int
+  attn_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  attention: str = "softmax"
+  linear_chunk_size: int = 64
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    # Created in reference order (key, query, value) so that param ordering matches.
+    self.key = _dense(self.n_embd, self.dtype, "key")
+    self.query = _dense(self.n_embd, self.dtype, "query")
+    self.value = _dense(self.n_embd, self.dtype, "value")
+    self.proj = _dense(self.n_embd, self.dtype, "proj")
+    self.attn_drop = nn.Dropout(self.attn_pdrop)
+    self.resid_drop = nn.Dropout(self.resid_pdrop)
+
+  @property
+  def kernel(self):
+    return get_attention(self.attention, self.linear_chunk_size)
+
+  def _qkv(self, x):
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, self.n_head, self.n_embd // self.n_head)
+    return split(self.query(x)), split(self.key(x)), split(self.value(x))
+
+  def _out(self, y, train: bool):
+    b, t = y.shape[:2]
+    return self.resid_drop(self.proj(y.reshape(b, t, self.n_embd)), deterministic=not train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    q, k, v = self._qkv(x)
+    if train and self.attn_pdrop > 0.0 and isinstance(self.kernel, SoftmaxAttention):
+      # Dropout acts on the attention probabilities, which the fused op does not expose.
+      t, d = q.shape[1], q.shape[-1]
+      att = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * d ** -0.5
+      att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -jnp.inf)
+      att = self.attn_drop(jax.nn.softmax(att, axis=-1), deterministic=False)
+      y = jnp.einsum("bhqk,bkhd->bqhd", att.astype(v.dtype), v)
+    else:
+      y = self.kernel.parallel(q, k, v)
+    return self._out(y, train)
+
+  def prefill(self, x: jax.Array, cache, start: jax.Array):
+    q, k, v = self._qkv(x)
+    y, cache = self.kernel.prefill(q, k, v, cache, start)
+    return self._out(y, False), cache
+
+  def step(self, x: jax.Array, position: jax.Array, cache):
+    q, k, v = self._qkv(x)
+    y, cache = self.kernel.step(q, k, v, position, cache)
+    return self._out(y, False), cache
+
+
+class MLP(nn.Module):
+  n_embd: int
+  resid_pdrop: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = _dense(4 * self.n_embd, self.dtype, "fc")(x)
+    h = nn.gelu(h, approximate=False)  # torch.nn.GELU() default is the exact erf form
+    h = _dense(self.n_embd, self.dtype, "proj")(h)
+    return nn.Dropout(self.resid_pdrop)(h, deterministic=not train)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block."""
+  n_head: int
+  n_embd: int
+  attn_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  attention: str = "softmax"
+  linear_chunk_size: int = 64
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.ln1 = _layer_norm(self.dtype, "ln1")
+    self.attn = CausalSelfAttention(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop,
+                                    self.attention, self.linear_chunk_size, self.dtype,
+                                    name="attn")
+    self.ln2 = _layer_norm(self.dtype, "ln2")
+    self.mlp = MLP(self.n_embd, self.resid_pdrop, self.dtype, name="mlp")
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x + self.attn(self.ln1(x), train)
+    return x + self.mlp(self.ln2(x), train)
+
+  def prefill(self, x: jax.Array, cache, start: jax.Array):
+    h, cache = self.attn.prefill(self.ln1(x), cache, start)
+    x = x + h
+    return x + self.mlp(self.ln2(x)), cache
+
+  def step(self, x: jax.Array, position: jax.Array, cache):
+    h, cache = self.attn.step(self.ln1(x), position, cache)
+    x = x + h
+    return x + self.mlp(self.ln2(x)), cache
+
+
+class GPT(nn.Module):
+  """minGPT as used by taming-transformers. See the module docstring for names and API.
+
+  `dtype` is the compute dtype (parameters stay float32); logits are always float32.
+  `attention="linear"` swaps in causal linear attention (chunked with `linear_chunk_size`);
+  attention-probability dropout has no counterpart there, so it requires attn_pdrop == 0.
+  `remat=True` rematerialises each block in the backward pass (training forward only).
+  """
+  vocab_size: int
+  block_size: int
+  n_layer: int = 12
+  n_head: int = 8
+  n_embd: int = 256
+  embd_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  attn_pdrop: float = 0.0
+  attention: str = "softmax"
+  linear_chunk_size: int = 64
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+    get_attention(self.attention, self.linear_chunk_size)  # validates the kind
+    if self.attention == "linear" and self.attn_pdrop > 0.0:
+      raise ValueError("attn_pdrop > 0 is not supported with linear attention")
+    self.wte = nn.Embed(self.vocab_size, self.n_embd, dtype=self.dtype,
+                        param_dtype=jnp.float32, embedding_init=_dense_init, name="wte")
+    self.wpe = self.param("wpe", nn.initializers.zeros, (self.block_size, self.n_embd),
+                          jnp.float32)
+    self.drop = nn.Dropout(self.embd_pdrop)
+    # `train` (argument 2 counting self) is a Python bool, so it must be static under remat.
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    self.blocks = [
+        block_cls(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.attention,
+                  self.linear_chunk_size, self.dtype, name=f"blocks_{i}")
+        for i in range(self.n_layer)
+    ]
+    self.ln_f = _layer_norm(self.dtype, "ln_f")
+    self.head = _dense(self.vocab_size, self.dtype, "head", use_bias=False)
+
+  def _embed(self, tokens: jax.Array, start, train: bool) -> jax.Array:
+    t = tokens.shape[1]
+    if t > self.block_size:
+      raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
+    pos = lax.dynamic_slice_in_dim(self.wpe, start, t, 0)
+    x = self.wte(tokens) + pos.astype(self.dtype)[None]
+    return self.drop(x, deterministic=not train)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    return self.head(self.ln_f(x)).astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    """tokens (B, T) int32 -> logits (B, T, vocab_size) float32."""
+    x = self._embed(tokens, 0, train)
+    for block in self.blocks:
+      x = block(x, train)
+    return self._logits(x)
+
+  # ----- decoding --------------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_length: Optional[int] = None) -> Dict[str, Any]:
+    """Empty cache for `batch_size` sequences of up to `max_length` (default block_size)
+    positions. Softmax layers: {"key","value"} (B, max_length, H, D) in `dtype`; linear
+    layers: {"S"} (B, H, D, D) and {"z"} (B, H, D) in float32."""
+    kernel = get_attention(self.attention, self.linear_chunk_size)
+    max_length = self.block_size if max_length is None else max_length
+    head_dim = self.n_embd // self.n_head
+    layers = tuple(kernel.init_cache(batch_size, max_length, self.n_head, head_dim, self.dtype)
+                   for _ in range(self.n_layer))
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+  def prefill(self, tokens: jax.Array, cache: Dict[str, Any]):
+    """Run tokens (B, T) in one parallel pass starting at position cache["index"] (0 for a
+    fresh cache); returns (logits (B, T, vocab) float32, cache advanced by T)."""
+    start = cache["index"]
+    x = self._embed(tokens, start, False)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache["layers"]):
+      x, layer_cache = block.prefill(x, layer_cache, start)
+      layers.append(layer_cache)
+    new_cache = {"index": start + tokens.shape[1], "layers": tuple(layers)}
+    return self._logits(x), new_cache
+
+  def decode_step(self, tokens: jax.Array, position: jax.Array, cache: Dict[str, Any]):
+    """One token per sequence: tokens (B, 1) (or (B,)) at `position` (traced scalar; must be
+    < min(block_size, max_length)) -> (logits (B, vocab) float32, cache with index
+    position + 1)."""
+    tokens = tokens.reshape(tokens.shape[0], 1)
+    position = jnp.asarray(position, jnp.int32)
+    x = self._embed(tokens, position, False)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache["layers"]):
+      x, layer_cache = block.step(x, position, layer_cache)
+      layers.append(layer_cache)
+    return self._logits(x)[:, 0], {"index": position + 1, "layers": tuple(layers)}
+
+
+def count_params(params) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, n_embd: int) -> int:
+  """Analytic parameter count of `GPT` (independent of n_head):
+  wte + head: 2 V E; wpe: B E; ln_f: 2 E; per block: ln1 + ln2 4 E, q/k/v/proj 4 (E^2 + E),
+  mlp (4 E^2 + 4 E) + (4 E^2 + E) = 12 E^2 + 13 E."""
+  e = n_embd
+  return 2 * vocab_size * e + block_size * e + 2 * e + n_layer * (12 * e * e + 13 * e)

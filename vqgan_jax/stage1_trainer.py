@@ -1,0 +1,463 @@
+"""Stage-1 trainer: the VQGAN (generator + PatchGAN discriminator) end to end.
+
+`train_and_evaluate(config, workdir)` is the whole job: build the mesh and models,
+resume from the newest checkpoint in `workdir` if there is one, train with one jitted
+step per optimiser phase, log to TensorBoard, write reconstruction grids, evaluate on
+the val split and save checkpoints that stage 2 loads with `checkpointing.load_stage1`.
+
+The generator step makes one forward pass and one backward pass: `jax.vjp` of the model
+gives the reconstruction and the decoder's last-layer input; the adaptive GAN weight
+needs the gradients of the reconstruction loss and of the GAN loss at the decoder's
+last layer, which are weight gradients of a single convolution given the two
+cotangents, so they cost one small convolution each instead of two extra backward
+passes through the whole decoder.
+"""
+
+import functools
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_utils
+from vqgan_jax.models import discriminator as discriminator_lib
+from vqgan_jax.models import vqgan
+
+
+@flax.struct.dataclass
+class TrainerState:
+  """Everything but the generator parameters that an exact resume needs."""
+  step: jax.Array
+  g_opt_state: Any
+  d_params: Any
+  d_batch_stats: Any
+  d_opt_state: Any
+  code_usage_ema: jax.Array   # per-code EMA of hits per step (dead-code restarts)
+  nonfinite_steps: jax.Array  # steps skipped because of a NaN/Inf
+
+
+@flax.struct.dataclass
+class Stage1State:
+  g_params: Any
+  trainer: TrainerState
+
+
+def compute_dtype(config) -> jnp.dtype:
+  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+
+
+def learning_rate(config) -> float:
+  """lr = base_learning_rate x global batch (the reference's scaling) unless given directly."""
+  if config.learning_rate > 0:
+    return float(config.learning_rate)
+  return float(config.base_learning_rate) * config.batch_size
+
+
+class Stage1Setup:
+  """Models, optimisers and pure step functions for one config (no devices, no I/O)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    dtype = compute_dtype(config)
+    self.model = vqgan.vqmodel_from_config(config.model, dtype)
+    self.disc = discriminator_lib.NLayerDiscriminator(
+        ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
+        norm=config.loss.disc_norm, dtype=dtype)
+    lr = learning_rate(config)
+    self.g_tx = self._optimizer(lr)
+    self.d_tx = self._optimizer(lr)
+    self.rng = jax.random.PRNGKey(config.seed)
+
+  def _optimizer(self, lr):
+    tx = optax.adam(lr, b1=self.config.adam_b1, b2=self.config.adam_b2)
+    if self.config.grad_clip_norm > 0:
+      tx = optax.chain(optax.clip_by_global_norm(self.config.grad_clip_norm), tx)
+    return tx
+
+  def init_state(self, rng: jax.Array) -> Stage1State:
+    size = self.config.model.resolution
+    x = jnp.zeros((1, size, size, self.config.model.in_channels), jnp.float32)
+    g_key, d_key = jax.random.split(rng)
+    g_params = self.model.init(g_key, x)["params"]
+    d_vars = self.disc.init(d_key, x, train=False)
+    trainer = TrainerState(
+        step=jnp.zeros((), jnp.int32),
+        g_opt_state=self.g_tx.init(g_params),
+        d_params=d_vars["params"],
+        d_batch_stats=d_vars.get("batch_stats", {}),
+        d_opt_state=self.d_tx.init(d_vars["params"]),
+        code_usage_ema=jnp.full((self.config.model.n_embed,), 1.0, jnp.float32),
+        nonfinite_steps=jnp.zeros((), jnp.int32))
+    return Stage1State(g_params=g_params, trainer=trainer)
+
+  # ------------------------------------------------------------------ losses
+  def _disc_apply(self, d_params, batch_stats, images):
+    variables = {"params": d_params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, updates = self.disc.apply(variables, images, train=True, mutable=["batch_stats"])
+      return logits, updates["batch_stats"]
+    return self.disc.apply(variables, images, train=True), batch_stats
+
+  def generator_gradients(self, g_params, trainer: TrainerState, x, lpips_params, rng,
+                          use_gan: bool):
+    """Gradients of the generator's total loss and its parts (one forward, one backward)."""
+    cfg = self.config.loss
+
+    def forward(params):
+      out = self.model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+      return (out["x_rec"], out["features"], out["q_loss"]), out
+
+    (x_rec, features, q_loss), model_vjp, out = jax.vjp(forward, g_params, has_aux=True)
+
+    def nll_fn(x_rec):
+      rec = losses.pixel_loss(x, x_rec, cfg.pixel_loss)
+      perceptual = jnp.zeros((), jnp.float32)
+      if cfg.perceptual_weight > 0:
+        from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
+        perceptual = jnp.mean(lpips.lpips_distance(lpips_params, x, x_rec))
+      return rec + cfg.perceptual_weight * perceptual, (rec, perceptual)
+
+    nll, nll_vjp, (rec, perceptual) = jax.vjp(nll_fn, x_rec, has_aux=True)
+    ct_nll, = nll_vjp(jnp.ones_like(nll))
+    metrics = {"rec_loss": rec, "perceptual_loss": perceptual, "nll_loss": nll, "q_loss": q_loss}
+    ct_x = ct_nll
+    total = nll + cfg.codebook_weight * q_loss
+    if use_gan:
+      def g_fn(x_rec):
+        logits, _ = self._disc_apply(trainer.d_params, trainer.d_batch_stats, x_rec)
+        return losses.generator_adversarial_loss(logits)
+
+      g_loss, g_vjp = jax.vjp(g_fn, x_rec)
+      ct_g, = g_vjp(jnp.ones_like(g_loss))
+      conv_out = g_params["decoder"]["conv_out"]
+      if cfg.adaptive_weight:
+        _, kernel_vjp = jax.vjp(
+            lambda k: vqgan.conv_out_apply(k, conv_out["bias"], features), conv_out["kernel"])
+        d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0],
+                                          cfg.disc_weight)
+      else:
+        d_weight = jnp.asarray(cfg.disc_weight, jnp.float32)
+      scale = d_weight * cfg.disc_factor
+      ct_x = ct_nll + scale * ct_g
+      total = total + scale * g_loss
+      metrics.update(g_loss=g_loss, d_weight=d_weight)
+    grads, = model_vjp((ct_x, jnp.zeros_like(features),
+                        jnp.asarray(cfg.codebook_weight, q_loss.dtype)))
+    metrics["total_loss"] = total
+    return grads, x_rec, out, metrics
+
+  def discriminator_gradients(self, trainer: TrainerState, x, x_rec):
+    cfg = self.config.loss
+
+    def loss_fn(d_params):
+      logits_real, stats = self._disc_apply(d_params, trainer.d_batch_stats, x)
+      logits_fake, stats = self._disc_apply(d_params, stats, jax.lax.stop_gradient(x_rec))
+      loss = cfg.disc_factor * losses.discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
+      return loss, (stats, jnp.mean(logits_real), jnp.mean(logits_fake))
+
+    (d_loss, (stats, real, fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainer.d_params)
+    return grads, stats, {"d_loss": d_loss, "logits_real": real, "logits_fake": fake}
+
+  # ------------------------------------------------------------------ step
+  def train_step(self, state: Stage1State, batch: Dict[str, jax.Array], lpips_params,
+                 use_gan: bool):
+    """One update of the generator (and of the discriminator once the GAN is on)."""
+    trainer = state.trainer
+    rng = jax.random.fold_in(self.rng, trainer.step)
+    x = batch["image"]
+    g_grads, x_rec, out, metrics = self.generator_gradients(
+        state.g_params, trainer, x, lpips_params, rng, use_gan)
+    g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, state.g_params)
+    g_params = optax.apply_updates(state.g_params, g_updates)
+    d_params, d_stats, d_opt_state = trainer.d_params, trainer.d_batch_stats, trainer.d_opt_state
+    finite_parts = [optax.global_norm(g_grads)]
+    if use_gan:
+      d_grads, d_stats, d_metrics = self.discriminator_gradients(trainer, x, x_rec)
+      metrics.update(d_metrics)
+      d_updates, d_opt_state = self.d_tx.update(d_grads, trainer.d_opt_state, trainer.d_params)
+      d_params = optax.apply_updates(trainer.d_params, d_updates)
+      finite_parts.append(optax.global_norm(d_grads))
+
+    counts = jnp.bincount(out["indices"].reshape(-1), length=self.config.model.n_embed)
+    usage_ema = (self.config.model.dead_code_decay * trainer.code_usage_ema
+                 + (1.0 - self.config.model.dead_code_decay) * counts.astype(jnp.float32))
+    if self.config.model.restart_dead_codes:
+      g_params, usage_ema, restarted = self._restart_dead_codes(
+          g_params, usage_ema, out["z_lookup"], jax.random.fold_in(rng, 1))
+      metrics["codes_restarted"] = restarted
+
+    finite = jnp.all(jnp.isfinite(jnp.stack(
+        [metrics["total_loss"]] + finite_parts + ([metrics["d_loss"]] if use_gan else []))))
+    new_state = Stage1State(
+        g_params=g_params,
+        trainer=TrainerState(step=trainer.step + 1, g_opt_state=g_opt_state, d_params=d_params,
+                             d_batch_stats=d_stats, d_opt_state=d_opt_state,
+                             code_usage_ema=usage_ema, nonfinite_steps=trainer.nonfinite_steps))
+    # A non-finite step leaves parameters and optimiser states as they were, so nothing
+    # non-finite can reach a checkpoint; the host decides whether to stop or go on.
+    skipped = Stage1State(
+        g_params=state.g_params,
+        trainer=trainer.replace(step=trainer.step + 1, nonfinite_steps=trainer.nonfinite_steps + 1))
+    new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
+    metrics["finite"] = finite
+    metrics["code_counts"] = counts
+    return new_state, metrics
+
+  def _restart_dead_codes(self, g_params, usage_ema, z_lookup, rng):
+    """Replaces codes whose usage EMA fell below the threshold by random batch latents."""
+    m = self.config.model
+    dead = usage_ema < m.dead_code_threshold
+    candidates = z_lookup.reshape(-1, z_lookup.shape[-1]).astype(jnp.float32)
+    picks = jax.random.randint(rng, (m.n_embed,), 0, candidates.shape[0])
+    codebook = g_params["quantize"]["embedding"]
+    new_codebook = jnp.where(dead[:, None], candidates[picks], codebook)
+    # A restarted code gets a fresh usage estimate so it is not restarted again at once.
+    usage_ema = jnp.where(dead, 1.0, usage_ema)
+    g_params = flax.core.copy(g_params, {}) if isinstance(g_params, flax.core.FrozenDict) else dict(g_params)
+    quantize = dict(g_params["quantize"])
+    quantize["embedding"] = new_codebook
+    g_params["quantize"] = quantize
+    return g_params, usage_ema, jnp.sum(dead)
+
+  def eval_step(self, g_params, batch, lpips_params):
+    """Per-example reconstruction metrics (masked sums) and code counts on a val batch."""
+    x = batch["image"]
+    mask = batch.get("mask", jnp.ones(x.shape[:1], bool)).astype(jnp.float32)
+    out = self.model.apply({"params": g_params}, x, train=False)
+    x_rec = jnp.clip(out["x_rec"], -1.0, 1.0)
+    diff = x - x_rec
+    l1 = jnp.mean(jnp.abs(diff), axis=(1, 2, 3))
+    mse = jnp.mean(diff * diff, axis=(1, 2, 3))
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # data range 2 for [-1, 1]
+    sums = {"l1": l1, "mse": mse, "psnr": psnr}
+    if lpips_params is not None:
+      from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
+      sums["lpips"] = lpips.lpips_distance(lpips_params, x, x_rec)
+    sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
+    sums["count"] = jnp.sum(mask)
+    weights = jnp.broadcast_to(mask[:, None, None], out["indices"].shape).reshape(-1)
+    counts = jnp.zeros((self.config.model.n_embed,), jnp.float32).at[
+        out["indices"].reshape(-1)].add(weights)
+    return sums, counts, x_rec
+
+
+def gan_active(config, step: int) -> bool:
+  """The GAN terms (generator's and discriminator's) are on from step disc_start."""
+  return step >= config.loss.disc_start
+
+
+def _lpips_params(config):
+  if config.loss.perceptual_weight <= 0:
+    return None
+  from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
+  return lpips.load_lpips_params()
+
+
+class Stage1Runner:
+  """A Stage1Setup placed on a mesh: compiled steps, shardings, checkpoint I/O."""
+
+  def __init__(self, config, mesh=None):
+    self.setup = Stage1Setup(config)
+    self.config = config
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    abstract = jax.eval_shape(self.setup.init_state, self.setup.rng)
+    self.state_shardings = sharding.tree_shardings(abstract, self.mesh)
+    self.abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    lpips_params = _lpips_params(config)
+    self.lpips_params = (None if lpips_params is None
+                         else jax.device_put(lpips_params, replicated))
+    self._init = jax.jit(self.setup.init_state, out_shardings=self.state_shardings)
+    self._steps = {
+        use_gan: jax.jit(functools.partial(self.setup.train_step, use_gan=use_gan),
+                         in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        for use_gan in (False, True)}
+    self._eval = jax.jit(self.setup.eval_step,
+                         in_shardings=(self.state_shardings.g_params, self.batch_sharding,
+                                       replicated),
+                         out_shardings=(replicated, replicated, self.batch_sharding))
+
+  def init_state(self) -> Stage1State:
+    return self._init(self.setup.rng)
+
+  def train_step(self, state, batch, step: int):
+    return self._steps[gan_active(self.config, step)](state, batch, self.lpips_params)
+
+  def evaluate(self, g_params, eval_batches, keep_images: int = 8):
+    """Mean val metrics over the given global batches, plus a few reconstructions."""
+    totals, counts, shown = None, None, ([], [])
+    for batch in eval_batches:
+      sums, batch_counts, x_rec = self._eval(g_params, batch, self.lpips_params)
+      sums = jax.device_get(sums)
+      totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+      counts = batch_counts if counts is None else counts + batch_counts
+      if sum(len(a) for a in shown[0]) < keep_images and jax.process_count() == 1:
+        shown[0].append(np.asarray(batch["image"]))
+        shown[1].append(np.asarray(x_rec))
+    if totals is None:
+      raise ValueError("the val split is empty: nothing to evaluate")
+    n = max(float(totals.pop("count")), 1.0)
+    metrics = {f"val_{k}": float(v) / n for k, v in totals.items()}
+    counts = np.asarray(jax.device_get(counts))
+    metrics.update(code_statistics(counts, prefix="val_"))
+    originals = np.concatenate(shown[0])[:keep_images] if shown[0] else None
+    recons = np.concatenate(shown[1])[:keep_images] if shown[1] else None
+    return metrics, originals, recons
+
+
+def code_statistics(counts: np.ndarray, prefix: str = "") -> Dict[str, float]:
+  """Codebook usage (% of codes hit) and perplexity of the index distribution."""
+  counts = np.asarray(counts, np.float64)
+  total = counts.sum()
+  probs = counts / max(total, 1.0)
+  nonzero = probs[probs > 0]
+  entropy = float(-(nonzero * np.log(nonzero)).sum())
+  return {f"{prefix}codebook_usage": float(100.0 * np.mean(counts > 0)),
+          f"{prefix}code_perplexity": float(np.exp(entropy))}
+
+
+def _eval_batches(config, mesh, batch_size: int):
+  per_process = batch_size // jax.process_count()
+  iterator = data.make_eval_iterator(config.data, batch_size=per_process,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  for i, batch in enumerate(iterator):
+    if config.num_eval_batches and i >= config.num_eval_batches:
+      break
+    yield sharding.global_batch(batch, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains (or resumes) a VQGAN in `workdir`; returns the last evaluation's metrics."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  config_lib.validate_vqgan_config(config)
+  sharding.maybe_initialize_distributed()
+  if config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} must be divisible by the {jax.process_count()} "
+        "processes")
+  runner = Stage1Runner(config)
+  mesh = runner.mesh
+  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} must be divisible by data x fsdp = "
+        f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep,
+                                       config.async_checkpointing)
+  train_iter = data.make_train_iterator(
+      config.data, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  start_step = manager.latest_step()
+  if start_step is not None:
+    saved = checkpointing.read_metadata(manager, start_step)
+    checkpointing.check_same_model(saved["config"]["model"],
+                                   checkpointing.config_to_dict(config)["model"], workdir,
+                                   force=config.get("force_resume", False))
+    restored = checkpointing.restore(manager, start_step, runner.abstract_state.g_params,
+                                     runner.abstract_state.trainer, train_iter)
+    state = Stage1State(g_params=restored["model"], trainer=restored["trainer"])
+    logging.info("Resumed %s from step %d", workdir, start_step)
+  else:
+    start_step = 0
+    state = runner.init_state()
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start_step == 0 and is_main:
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+
+  def save_checkpoint(step, state, force=False):
+    meta = checkpointing.stage1_metadata(config, step)
+    checkpointing.save(manager, step, state.g_params, state.trainer, meta, train_iter, force=force)
+
+  def run_eval(step, state):
+    metrics, originals, recons = runner.evaluate(state.g_params, _eval_batches(
+        config, mesh, config.eval_batch_size))
+    writer.write_scalars(step, metrics)
+    if originals is not None and is_main:
+      grid = train_utils.make_grid([originals, np.clip(recons, -1, 1)])
+      train_utils.save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
+      writer.write_images(step, {"val_reconstructions": grid[None]})
+    return metrics
+
+  window = train_utils.MetricWindow()
+  code_counts = np.zeros((config.model.n_embed,), np.int64)
+  last_eval: Dict[str, float] = {}
+  if start_step == 0 and config.num_train_steps > 0:
+    last_eval = run_eval(0, state)
+  step = start_step
+  log_start = time.time()
+  with train_utils.PreemptionWatcher() as preemption:
+    while step < config.num_train_steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = runner.train_step(state, batch, step)
+      step += 1
+      window.add(step, metrics)
+      at_log = step % config.log_every_steps == 0 or step == config.num_train_steps
+      if at_log:
+        steps, fetched, elapsed = window.fetch()
+        _handle_nonfinite(config, steps, fetched)
+        scalars = train_utils.mean_scalars(fetched)
+        for m in fetched:
+          code_counts += np.asarray(m["code_counts"], np.int64)
+        scalars.update(code_statistics(code_counts, prefix="train_"))
+        code_counts[:] = 0
+        scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
+        scalars["learning_rate"] = learning_rate(config)
+        scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
+        writer.write_scalars(step, scalars)
+        eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+        logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
+                     scalars["steps_per_sec"], train_utils.format_eta(eta))
+      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        last_eval = run_eval(step, state)
+      stop = train_utils.any_process_requested(preemption.requested)
+      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
+        _handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
+        save_checkpoint(step, state, force=stop)
+      if stop:
+        logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
+        break
+  manager.wait_until_finished()
+  writer.flush()
+  logging.info("Finished at step %d in %.1fs", step, time.time() - log_start)
+  return last_eval
+
+
+def _handle_nonfinite(config, steps, fetched):
+  bad = train_utils.first_nonfinite(steps, fetched)
+  if bad is None:
+    return
+  bad_step, metric = bad
+  if config.nonfinite_policy == "error":
+    raise train_utils.NonFiniteError(
+        f"non-finite {metric} at step {bad_step}; the update was not applied and no checkpoint "
+        "holds it (set config.nonfinite_policy='skip' to skip such steps)")
+  logging.warning("Skipped the update of step %d: non-finite %s", bad_step, metric)
+
+
+def _flat_config(config, prefix=""):
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flat_config(value, f"{prefix}{key}."))
+    elif isinstance(value, (int, float, str, bool)):
+      flat[f"{prefix}{key}"] = value
+    else:
+      flat[f"{prefix}{key}"] = str(value)
+  return flat

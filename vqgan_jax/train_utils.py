@@ -1,0 +1,130 @@
+"""Pieces both trainers share: metric accumulation, preemption signals, image grids."""
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Dict, List, Optional
+
+import jax
+import numpy as np
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient became NaN/Inf; names the step and the metric."""
+
+
+class MetricWindow:
+  """Collects per-step metrics as device arrays and fetches them only at log time.
+
+  Keeping the arrays on device avoids a host sync on every step; the step function
+  marks non-finite steps itself, so the exact step of a NaN is still known.
+  """
+
+  def __init__(self):
+    self._steps: List[int] = []
+    self._metrics: List[Dict[str, jax.Array]] = []
+    self._start_time = time.time()
+
+  def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+    self._steps.append(step)
+    self._metrics.append(metrics)
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def peek(self):
+    """(steps, numpy metric dicts) of the window so far, without resetting it."""
+    self._metrics = jax.device_get(self._metrics)
+    return list(self._steps), list(self._metrics)
+
+  def fetch(self):
+    """Returns (steps, list of numpy metric dicts, seconds elapsed) and resets the window."""
+    fetched = jax.device_get(self._metrics)
+    steps, elapsed = self._steps, time.time() - self._start_time
+    self._steps, self._metrics, self._start_time = [], [], time.time()
+    return steps, fetched, elapsed
+
+
+def first_nonfinite(steps, fetched, skip_keys=("code_counts",)):
+  """(step, metric name) of the first step with a non-finite metric, or None."""
+  for step, metrics in zip(steps, fetched):
+    if "finite" in metrics and not bool(metrics["finite"]):
+      bad = [k for k, v in sorted(metrics.items())
+             if k not in skip_keys and not np.all(np.isfinite(v))]
+      return step, (bad[0] if bad else "gradients")
+  return None
+
+
+def mean_scalars(fetched, skip_keys=("code_counts", "finite")) -> Dict[str, float]:
+  keys = [k for k in fetched[0] if k not in skip_keys and np.ndim(fetched[0][k]) == 0]
+  return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM/SIGINT into a flag the training loop polls once per step."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+    self._event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def any_process_requested(flag: bool) -> bool:
+  """True when any process saw a stop signal, so all stop at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+  return bool(np.any(flags))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(rows: List[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Stacks rows of images (each (N, H, W, C) in [-1,1]) into one uint8 grid image."""
+  rows = [to_uint8(r) for r in rows]
+  n = max(r.shape[0] for r in rows)
+  h, w, c = rows[0].shape[1:]
+  grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = image
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(image).save(path)
+  return path
+
+
+def format_eta(seconds: Optional[float]) -> str:
+  if seconds is None or not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
