@@ -162,7 +162,11 @@ def read_torch_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   # weights_only=True: a restricted unpickler that only rebuilds tensors and
   # containers, so a malicious file cannot run code.
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types; all mean "not loadable"
+    raise ValueError(f"{path}: could not be read as a PyTorch state dict with "
+                     f"weights_only=True: {e}") from e
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):

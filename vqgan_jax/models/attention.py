@@ -92,7 +92,8 @@ def elu_feature_map(x: jax.Array) -> jax.Array:
 
 def naive_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            eps: float = 1e-6) -> jax.Array:
-  """O(T^2) reference: out_i = sum_{j<=i} a_ij v_j / (sum_{j<=i} a_ij + eps), a_ij = phi(q_i).phi(k_j)."""
+  """O(T^2) reference: out_i = sum_{j<=i} a_ij v_j / (sum_{j<=i} a_ij + eps),
+  with a_ij = phi(q_i) . phi(k_j)."""
   qf = elu_feature_map(q.astype(jnp.float32))
   kf = elu_feature_map(k.astype(jnp.float32))
   t = q.shape[1]

@@ -30,7 +30,7 @@ The cache is {"index": int32 scalar (next position to write), "layers": tuple of
 kernel caches} (see `vqgan_jax.models.attention`).
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
