@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax.models.layers import Conv
+
 
 def _normal_init(mean: float, stddev: float):
   def init(key, shape, dtype=jnp.float32):
@@ -27,7 +29,7 @@ class NLayerDiscriminator(nn.Module):
     conv_init = _normal_init(0.0, 0.02)
 
     def conv(features, stride, use_bias, name):
-      return nn.Conv(features, (4, 4), strides=(stride, stride), padding=1, use_bias=use_bias,
+      return Conv(features, (4, 4), strides=(stride, stride), padding=1, use_bias=use_bias,
                      kernel_init=conv_init, dtype=self.dtype, name=name)
 
     def normalize(h, name):

