@@ -76,3 +76,75 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
            "must be 'float32' or 'bfloat16'", config.compute_dtype)
   _require(config.nonfinite_policy in ("error", "skip"), "nonfinite_policy",
            "must be 'error' or 'skip'", config.nonfinite_policy)
+
+
+COND_KINDS = ("none", "class", "spatial", "coord")
+
+
+def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
+  """Checks a stage-2 config (no checkpoint access); raises ConfigError naming the key."""
+  from configs import transformer_default  # pylint: disable=g-import-not-at-top
+  check_known_keys(config, transformer_default.get_config())
+  _require(config.stage == "transformer", "stage", "must be 'transformer' for stage 2",
+           config.stage)
+  _require(bool(config.first_stage.workdir), "first_stage.workdir",
+           "set it to a stage-1 workdir (train_stage1.py --workdir)", config.first_stage.workdir)
+  _require(config.first_stage.n_embed >= 0, "first_stage.n_embed", "must be >= 0 (0 = from the "
+           "checkpoint)", config.first_stage.n_embed)
+  _require(len(config.first_stage.latent_grid) == 2 and min(config.first_stage.latent_grid) >= 0,
+           "first_stage.latent_grid", "must be (h, w) with h, w >= 0",
+           tuple(config.first_stage.latent_grid))
+  m = config.model
+  for key in ("n_layer", "n_head", "n_embd"):
+    _require(m[key] >= 1, f"model.{key}", "must be positive", m[key])
+  _require(m.n_embd % m.n_head == 0, "model.n_embd",
+           f"must be divisible by model.n_head={m.n_head}", m.n_embd)
+  _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = derived)", m.vocab_size)
+  _require(m.block_size >= 0, "model.block_size", "must be >= 0 (0 = derived)", m.block_size)
+  _require(m.attention in ("softmax", "linear"), "model.attention",
+           "must be 'softmax' or 'linear'", m.attention)
+  _require(m.linear_chunk_size >= 1, "model.linear_chunk_size", "must be positive",
+           m.linear_chunk_size)
+  for key in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+    _require(0.0 <= m[key] < 1.0, f"model.{key}", "must be in [0, 1)", m[key])
+  _require(m.attention == "softmax" or m.attn_pdrop == 0.0, "model.attn_pdrop",
+           "must be 0 with linear attention (no attention matrix to drop from)", m.attn_pdrop)
+  c = config.cond
+  _require(c.kind in COND_KINDS, "cond.kind", f"must be one of {COND_KINDS}", c.kind)
+  _require(0.0 <= c.cfg_dropout < 1.0, "cond.cfg_dropout", "must be in [0, 1)", c.cfg_dropout)
+  _require(c.cfg_dropout == 0.0 or c.kind == "class", "cond.cfg_dropout",
+           f"classifier-free-guidance dropout needs cond.kind='class', not {c.kind!r}",
+           c.cfg_dropout)
+  _require(c.num_classes >= 0, "cond.num_classes", "must be >= 0 (0 = from the dataset)",
+           c.num_classes)
+  if c.kind == "spatial":
+    _require(bool(c.cond_stage_workdir), "cond.cond_stage_workdir",
+             "spatial conditioning needs the workdir of a conditioning VQGAN",
+             c.cond_stage_workdir)
+    _require(config.data.name == "photos", "data.name",
+             "spatial conditioning needs segmentation maps, which only the 'photos' source "
+             "provides", config.data.name)
+  if c.kind == "coord":
+    _require(config.crop_tokens > 0, "crop_tokens",
+             "coordinate conditioning conditions on the crop origin, so it needs crop_tokens > 0",
+             config.crop_tokens)
+    _require(c.coord_grid >= 1, "cond.coord_grid", "must be >= 1", c.coord_grid)
+  _require(0.0 < config.pkeep <= 1.0, "pkeep", "must be in (0, 1] (1 = off)", config.pkeep)
+  _require(config.crop_tokens >= 0, "crop_tokens", "must be >= 0 (0 = off)", config.crop_tokens)
+  _require(config.tokens_dir == "", "tokens_dir",
+           "reading exported tokens is not implemented yet; leave it empty (tokenise on the fly)",
+           config.tokens_dir)
+  _require(config.weight_decay >= 0.0, "weight_decay", "must be >= 0", config.weight_decay)
+  _require(config.warmup_steps >= 0, "warmup_steps", "must be >= 0", config.warmup_steps)
+  _require(config.unigram_batches >= 0, "unigram_batches", "must be >= 0",
+           config.unigram_batches)
+  s = config.sampling
+  _require(s.temperature >= 0.0, "sampling.temperature", "must be >= 0 (0 = greedy)",
+           s.temperature)
+  _require(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)", s.top_k)
+  _require(0.0 <= s.top_p <= 1.0, "sampling.top_p", "must be in [0, 1] (0 = off)", s.top_p)
+  _require(s.sliding_window_factor >= 1, "sampling.sliding_window_factor", "must be >= 1",
+           s.sliding_window_factor)
+  for key in ("num_samples_per_class", "num_samples", "batch_size"):
+    _require(s[key] >= 1, f"sampling.{key}", "must be >= 1", s[key])
+  validate_common(config)

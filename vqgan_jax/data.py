@@ -86,6 +86,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.random_flip = True
   # 0: load in the main process (threads); >0: that many grain worker processes.
   c.num_workers = 0
+  # What a stage-1 model encodes: "image" (RGB) or "segmentation" (one-hot condition
+  # maps, for a conditioning VQGAN with in_channels = out_ch = photos.num_segments).
+  c.input = "image"
 
   c.photos = ml_collections.ConfigDict()
   # Each source photo is first downscaled so that its shorter side is this.

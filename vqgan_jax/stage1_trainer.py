@@ -173,7 +173,7 @@ class Stage1Setup:
     """One update of the generator (and of the discriminator once the GAN is on)."""
     trainer = state.trainer
     rng = jax.random.fold_in(self.rng, trainer.step)
-    x = batch["image"]
+    x = model_inputs(batch, self.config)
     g_grads, x_rec, out, metrics = self.generator_gradients(
         state.g_params, trainer, x, lpips_params, rng, use_gan)
     g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, state.g_params)
@@ -230,7 +230,7 @@ class Stage1Setup:
 
   def eval_step(self, g_params, batch, lpips_params):
     """Per-example reconstruction metrics (masked sums) and code counts on a val batch."""
-    x = batch["image"]
+    x = model_inputs(batch, self.config)
     mask = batch.get("mask", jnp.ones(x.shape[:1], bool)).astype(jnp.float32)
     out = self.model.apply({"params": g_params}, x, train=False)
     x_rec = jnp.clip(out["x_rec"], -1.0, 1.0)
@@ -248,6 +248,22 @@ class Stage1Setup:
     counts = jnp.zeros((self.config.model.n_embed,), jnp.float32).at[
         out["indices"].reshape(-1)].add(weights)
     return sums, counts, x_rec
+
+
+def model_inputs(batch: Dict[str, Any], config) -> jax.Array:
+  """The array a stage-1 model of this config encodes: RGB images, or condition maps.
+
+  With `data.input = "segmentation"` (a conditioning VQGAN, as the paper's S-FLCKR
+  models) the input is the one-hot segmentation map scaled to [-1, 1], with
+  `model.in_channels = model.out_ch = data.photos.num_segments`.
+  """
+  if config.data.input == "image":
+    return batch["image"]
+  if config.data.input == "segmentation":
+    onehot = jax.nn.one_hot(batch["segmentation"], config.model.in_channels, dtype=jnp.float32)
+    return 2.0 * onehot - 1.0
+  raise config_lib.ConfigError(
+      f"config.data.input={config.data.input!r}: must be 'image' or 'segmentation'")
 
 
 def gan_active(config, step: int) -> bool:
@@ -305,7 +321,7 @@ class Stage1Runner:
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
       counts = batch_counts if counts is None else counts + batch_counts
       if sum(len(a) for a in shown[0]) < keep_images and jax.process_count() == 1:
-        shown[0].append(np.asarray(batch["image"]))
+        shown[0].append(np.asarray(model_inputs(batch, self.config)))
         shown[1].append(np.asarray(x_rec))
     if totals is None:
       raise ValueError("the val split is empty: nothing to evaluate")
@@ -412,10 +428,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if at_log:
         steps, fetched, elapsed = window.fetch()
         _handle_nonfinite(config, steps, fetched)
-        scalars = train_utils.mean_scalars(fetched)
+        # Losses are written per step (fetched together once per window), so a run that
+        # was interrupted and resumed logs exactly what an uninterrupted run logs.
+        for s, m in zip(steps, fetched):
+          writer.write_scalars(s, train_utils.mean_scalars([m]))
         for m in fetched:
           code_counts += np.asarray(m["code_counts"], np.int64)
-        scalars.update(code_statistics(code_counts, prefix="train_"))
+        scalars = code_statistics(code_counts, prefix="train_")
         code_counts[:] = 0
         scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
         scalars["learning_rate"] = learning_rate(config)
