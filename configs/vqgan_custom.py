@@ -18,6 +18,5 @@ def get_config():
   config.data.num_workers = 4
   config.batch_size = 8
   config.eval_every_steps = 2000
-  config.image_every_steps = 2000
   config.checkpoint_every_steps = 2000
   return config

@@ -77,7 +77,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000
   config.num_eval_batches = 8          # 0: the whole val split
   config.eval_batch_size = 16
-  config.image_every_steps = 1000      # reconstruction grids (PNG + TensorBoard)
   config.checkpoint_every_steps = 1000
   config.max_checkpoints_to_keep = 3
   config.async_checkpointing = True

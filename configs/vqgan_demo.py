@@ -22,16 +22,15 @@ def get_config():
   config.data.name = "photos"
   config.data.image_size = 32
   config.data.random_flip = True
-  config.loss.disc_start = 1500
+  config.loss.disc_start = 400
   config.loss.disc_ndf = 32
   config.loss.disc_norm = "batch"
-  config.batch_size = 16
+  config.batch_size = 8
   config.learning_rate = 4e-4
-  config.num_train_steps = 2000
-  config.log_every_steps = 100
-  config.eval_every_steps = 500
-  config.image_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.num_train_steps = 600
+  config.log_every_steps = 50
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
   config.num_eval_batches = 0
   config.eval_batch_size = 32
   return config

@@ -19,6 +19,5 @@ def get_config():
   config.data.num_workers = 8
   config.batch_size = 3 * 8
   config.eval_every_steps = 5000
-  config.image_every_steps = 5000
   config.checkpoint_every_steps = 5000
   return config

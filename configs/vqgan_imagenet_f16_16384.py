@@ -21,6 +21,5 @@ def get_config():
   config.batch_size = 12 * 8  # the reference's 12 per GPU; lr scales with the global batch
   config.eval_every_steps = 5000
   config.num_eval_batches = 50
-  config.image_every_steps = 5000
   config.checkpoint_every_steps = 5000
   return config

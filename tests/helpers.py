@@ -38,3 +38,55 @@ def build_stage1_workdir(workdir: str, config=None) -> str:
   config = config if config is not None else tiny_stage1_config()
   stage1_trainer.train_and_evaluate(config, os.fspath(workdir))
   return os.fspath(workdir)
+
+
+_SHARED = {}
+
+
+def shared_stage1_workdir(tmp_path_factory) -> str:
+  """One tiny trained workdir per test session (both test_eval and test_export use it).
+
+  Tests may add files under it (eval/ results) but must not remove its checkpoints.
+  """
+  if "workdir" not in _SHARED:
+    _SHARED["workdir"] = build_stage1_workdir(tmp_path_factory.mktemp("stage1_tiny"))
+  return _SHARED["workdir"]
+
+
+def write_random_inception_weights(path, seed: int = 0) -> str:
+  """Random FID-Inception weights of the right shapes, written with convert_inception."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import convert_inception  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for name, shape in convert_inception.expected_shapes().items():
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf == "kernel":
+      scale = np.float32(np.sqrt(2.0 / int(np.prod(shape[:-1]))))
+      flat[name] = rng.standard_normal(shape, dtype=np.float32) * scale
+    elif leaf in ("scale", "var"):
+      flat[name] = np.ones(shape, np.float32)
+    else:
+      flat[name] = np.zeros(shape, np.float32)
+  convert_inception.save_params_npz(flat, path)
+  return os.fspath(path)
+
+
+def mock_feature_fn(dim: int = 16, seed: int = 0):
+  """A cheap stand-in for the Inception network: a fixed random projection of the pixels."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  cache = {}
+
+  def features(images):
+    images = jnp.asarray(images, jnp.float32)
+    flat = images.reshape(images.shape[0], -1)
+    if flat.shape[1] not in cache:
+      rng = np.random.default_rng(seed)
+      cache[flat.shape[1]] = (jnp.asarray(rng.standard_normal((flat.shape[1], dim)), jnp.float32),
+                              jnp.asarray(rng.standard_normal((dim, 10)), jnp.float32))
+    w, w_logits = cache[flat.shape[1]]
+    pool = jnp.tanh(flat @ w / np.sqrt(flat.shape[1]))
+    return {"pool": pool, "logits": pool @ w_logits}
+
+  return features

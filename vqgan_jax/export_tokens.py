@@ -43,6 +43,8 @@ import numpy as np
 from vqgan_jax import tokens as tokens_lib
 
 HEADER_FIELDS = ("label", "source_index", "crop_index", "flipped", "crop_y", "crop_x")
+# Fills the last batch. Not None: grain drops None elements as filtered out.
+PAD_ITEM = (-1, -1, -1)
 
 
 class ExportError(ValueError):
@@ -121,13 +123,13 @@ class _SplitReader:
 
 @dataclasses.dataclass(frozen=True)
 class _MakeExample:
-  """(source, crop, flip) item -> example dict; None item -> masked zero padding."""
+  """(source, crop, flip) item -> example dict; PAD_ITEM -> masked zero padding."""
   reader: _SplitReader
   seed: int
 
   def __call__(self, item):
     size = self.reader.size
-    if item is None:
+    if tuple(item) == PAD_ITEM:
       example = {"image": np.zeros((size, size, 3), np.float32), "mask": np.bool_(False)}
       if self.reader.has_segmentation:
         example["segmentation"] = np.zeros((size, size), np.int32)
@@ -292,7 +294,7 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
   p, num_p = jax.process_index(), jax.process_count()
   local = items[p::num_p]
   num_batches = -(-len(items[0::num_p]) // per_process)  # equal on every process
-  local = local + [None] * (num_batches * per_process - len(local))
+  local = local + [PAD_ITEM] * (num_batches * per_process - len(local))
 
   f = frozen.downsample_factor
   size = int(config.data.image_size)
@@ -309,6 +311,7 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
   codec = tokens_lib.RecordCodec(layout)
 
   tmp_dir = os.path.join(output, f".{split}.tmp")
+  created_output = not os.path.exists(output)
   if p == 0:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -409,6 +412,11 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
       except Exception:  # pylint: disable=broad-except
         pass
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    if created_output and p == 0:
+      try:
+        os.rmdir(output)  # only if still empty
+      except OSError:
+        pass
     raise
   logging.info("exported %d %s records to %s in %.1fs", len(items), split, final_dir,
                time.time() - start_time)

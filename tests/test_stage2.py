@@ -1,0 +1,376 @@
+"""Stage-2 trainer, vocabulary, checkpoints, loader and the sampling CLI (tiny models).
+
+The frozen stage-1 models are created once per module by initialising a tiny VQGAN and
+saving it with the stage-1 checkpoint functions (`checkpointing.save` +
+`stage1_metadata`): the same format `stage1_trainer.train_and_evaluate` writes, without
+compiling a stage-1 training step (which alone takes over a minute on a loaded 2-core CPU).
+A persistent compilation cache (module-scoped) lets the resumed run and the CLI
+subprocess reuse the compiled stage-2 steps.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import transformer_default, vqgan_default
+from vqgan_jax import checkpointing, config_lib, sample, sampling, stage2_trainer
+from vqgan_jax.models import transformer, vqgan
+from vqgan_jax.stage2_trainer import VocabLayout
+
+N_CODES = 32      # tiny stage-1 codebook
+SEG_CODES = 16    # tiny conditioning-VQGAN codebook
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_stage1_config(segmentation=False):
+  c = vqgan_default.get_config()
+  m = c.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 32, (1, 2), 1, ()
+  m.resolution, m.z_channels, m.embed_dim = 16, 32, 16
+  m.n_embed = SEG_CODES if segmentation else N_CODES
+  c.data.image_size = 16
+  c.data.photos.photo_short_side = 128
+  c.loss.perceptual_weight = 0.0
+  c.loss.disc_start = 10 ** 9
+  c.batch_size, c.num_train_steps = 4, 2
+  c.eval_every_steps = c.checkpoint_every_steps = 2
+  c.num_eval_batches = 1
+  if segmentation:
+    c.data.input = "segmentation"
+    m.in_channels = m.out_ch = c.data.photos.num_segments
+  return c
+
+
+def make_stage1_workdir(path, config, step=2):
+  """A stage-1 workdir with an initialised (untrained) VQGAN at `step`."""
+  model = vqgan.vqmodel_from_config(config.model)
+  x = jnp.zeros((1, 16, 16, config.model.in_channels), jnp.float32)
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  manager = checkpointing.make_manager(str(path), async_checkpointing=False)
+  checkpointing.save(manager, step, params, {"step": jnp.asarray(step)},
+                     checkpointing.stage1_metadata(config, step))
+  manager.wait_until_finished()
+  return str(path)
+
+
+def tiny_stage2_config(stage1_dir, kind="class", **overrides):
+  c = transformer_default.get_config()
+  c.first_stage.workdir = stage1_dir
+  c.model.n_layer, c.model.n_head, c.model.n_embd = 1, 2, 32
+  c.cond.kind = kind
+  c.cond.cfg_dropout = 0.1 if kind == "class" else 0.0
+  c.data.image_size = 16
+  c.data.photos.photo_short_side = 128
+  c.data.photos.train_examples_per_epoch = 64
+  c.batch_size, c.learning_rate, c.pkeep = 4, 1e-3, 0.9
+  c.num_train_steps = 3
+  c.log_every_steps = 1
+  c.eval_every_steps = c.checkpoint_every_steps = 3
+  c.num_eval_batches, c.eval_batch_size = 1, 4
+  c.unigram_batches = 1
+  c.async_checkpointing = False
+  c.sampling.num_samples = 2
+  c.sampling.num_samples_per_class = 1
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {n: getattr(jax.config, n) for n in names}
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield cache_dir
+  for n, v in previous.items():
+    jax.config.update(n, v)
+  try:
+    from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+    cc.reset_cache()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory):
+  return make_stage1_workdir(tmp_path_factory.mktemp("stage1"), tiny_stage1_config())
+
+
+@pytest.fixture(scope="module")
+def seg_dir(tmp_path_factory):
+  return make_stage1_workdir(tmp_path_factory.mktemp("stage1_seg"), tiny_stage1_config(True))
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory, stage1_dir):
+  workdir = str(tmp_path_factory.mktemp("gpt_class"))
+  config = tiny_stage2_config(stage1_dir)
+  metrics = stage2_trainer.train_and_evaluate(config, workdir)
+  return workdir, config, metrics
+
+
+# ----- vocabulary, masks, corruption (pure) ---------------------------------------------
+
+
+def test_vocab_ranges_are_disjoint_and_sized():
+  cases = {
+      "none": (VocabLayout.build("none", 100), 101, 1),
+      "class": (VocabLayout.build("class", 100, num_classes=7), 107, 1),
+      "class+null": (VocabLayout.build("class", 100, num_classes=7, null_class=True), 108, 1),
+      "spatial": (VocabLayout.build("spatial", 100, n_cond_codes=50), 150, 64),
+      "coord": (VocabLayout.build("coord", 100, coord_grid=9), 118, 2),
+  }
+  for name, (layout, vocab, prefix) in cases.items():
+    assert layout.vocab_size == vocab, name
+    assert layout.prefix_len((8, 8)) == prefix, name
+    spans = sorted(tuple(r) for r in layout.to_dict()["ranges"].values() if r[1] > r[0])
+    assert spans[0] == (0, 100), name                    # image codes first
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+      assert a1 == b0, name                              # contiguous, no overlap
+    assert spans[-1][1] == vocab, name
+    assert VocabLayout.from_dict(layout.to_dict()) == layout
+  lay = cases["class+null"][0]
+  toks = np.asarray(stage2_trainer.condition_tokens(lay, 3, labels=jnp.array([0, 6, 7])))
+  assert toks[:, 0].tolist() == [100, 106, 107] and lay.null_id == 107
+  lay = cases["spatial"][0]
+  toks = np.asarray(stage2_trainer.condition_tokens(lay, 2, cond_codes=jnp.full((2, 8, 8), 49)))
+  assert toks.shape == (2, 64) and np.all(toks == 149)
+  lay = cases["coord"][0]
+  toks = np.asarray(stage2_trainer.condition_tokens(
+      lay, 3, origins=(jnp.array([0, 4, 8]), jnp.array([8, 0, 4])), spans=(8, 8)))
+  assert toks.tolist() == [[100, 117], [104, 109], [108, 113]]
+  assert np.all((toks >= lay.offset("coord")) & (toks < lay.vocab_size))
+  assert VocabLayout.build("none", 100).start_id == 100
+
+
+def test_loss_mask_excludes_condition_positions():
+  p, n, vocab = 3, 4, 11
+  mask = np.asarray(stage2_trainer.loss_mask(p, n))
+  assert mask.tolist() == [False, False, True, True, True, True]
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, p + n - 1, vocab)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, vocab, (2, p + n - 1)), jnp.int32)
+  mask2 = jnp.broadcast_to(jnp.asarray(mask), targets.shape)
+  loss, count = stage2_trainer.sequence_loss(logits, targets, mask2)
+  assert float(count) == 2 * n
+  changed = logits.at[:, :p - 1].set(100.0 * rng.normal(size=(2, p - 1, vocab)))
+  assert float(stage2_trainer.sequence_loss(changed, targets, mask2)[0]) == pytest.approx(
+      float(loss), abs=1e-6)
+  changed = logits.at[:, p - 1].add(5.0 * rng.normal(size=(2, vocab)))
+  assert float(stage2_trainer.sequence_loss(changed, targets, mask2)[0]) != pytest.approx(
+      float(loss), abs=1e-4)
+
+
+def test_pkeep_replaces_only_image_tokens_and_only_by_codes():
+  p, n, n_codes = 5, 400, 32
+  prefix = jnp.arange(40, 40 + p, dtype=jnp.int32)[None].repeat(8, 0)
+  image = jnp.full((8, n), 7, jnp.int32)
+  tokens = jnp.concatenate([prefix, image], axis=1)
+  key = jax.random.PRNGKey(0)
+  out = np.asarray(stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 0.0, key))
+  np.testing.assert_array_equal(out[:, :p], np.asarray(prefix))
+  assert np.all((out[:, p:] >= 0) & (out[:, p:] < n_codes))
+  assert np.mean(out[:, p:] != 7) > 0.9          # nearly all replaced (a few draw 7 again)
+  half = np.asarray(stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 0.5, key))
+  np.testing.assert_array_equal(half[:, :p], np.asarray(prefix))
+  assert 0.4 < np.mean(half[:, p:] != 7) < 0.6
+  same = stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 1.0, key)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(tokens))
+
+
+def test_paper_config_parameter_counts():
+  """Parameter counts (jax.eval_shape, nothing allocated) against the paper's models."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  expected = {"transformer_imagenet_cond": 1.4e9, "transformer_ffhq": 355e6,
+              "transformer_sflckr_seg": 307e6}
+  for name, target in expected.items():
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.first_stage.workdir = "/placeholder"
+    config.cond.cond_stage_workdir = "/placeholder" if config.cond.kind == "spatial" else ""
+    config_lib.validate_transformer_config(config)
+    gpt, layout, prefix, n = stage2_trainer.stated_model(config)
+    shapes = jax.eval_shape(lambda: gpt.init(jax.random.PRNGKey(0),  # pylint: disable=cell-var-from-loop
+                                             jnp.zeros((1, prefix + n - 1), jnp.int32)))
+    count = transformer.count_params(shapes)
+    assert count == transformer.gpt_param_count(gpt.vocab_size, gpt.block_size, gpt.n_layer,
+                                                gpt.n_embd)
+    assert abs(count / target - 1) < 0.03, (name, count)
+  cfg = importlib.import_module("configs.transformer_imagenet_cond").get_config()
+  gpt, layout, prefix, n = stage2_trainer.stated_model(cfg)
+  assert (layout.vocab_size, prefix + n) == (16384 + 1000, 257)
+
+
+# ----- sequences from real (tiny) frozen VQGANs ------------------------------------------
+
+
+def test_sequences_for_spatial_and_coord_conditioning(stage1_dir, seg_dir):
+  from vqgan_jax import data, stage1_trainer  # pylint: disable=g-import-not-at-top
+  config = tiny_stage2_config(stage1_dir, "spatial", **{"cond.cond_stage_workdir": seg_dir})
+  config_lib.validate_transformer_config(config)
+  first, cond = stage2_trainer.load_frozen_stages(config)
+  setup = stage2_trainer.Stage2Setup(config, first, cond)
+  layout = setup.layout
+  assert layout.vocab_size == N_CODES + SEG_CODES and setup.prefix_len == 64
+  batch = next(data.make_train_iterator(config.data, batch_size=2, seed=0))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  frozen = {"first": first.params, "cond": cond.params}
+  tokens = np.asarray(setup.sequence(frozen, batch, jax.random.PRNGKey(0), train=True))
+  seg_codes = stage2_trainer.encode(cond.model, cond.params,
+                                    stage1_trainer.model_inputs(batch, cond.config))
+  img_codes = stage2_trainer.encode(first.model, first.params, batch["image"])
+  np.testing.assert_array_equal(tokens[:, :64], np.asarray(seg_codes).reshape(2, -1) + N_CODES)
+  np.testing.assert_array_equal(tokens[:, 64:], np.asarray(img_codes).reshape(2, -1))
+
+  # Coordinates: a 4x4 window of the 8x8 grid, prefixed by its binned origin.
+  config = tiny_stage2_config(stage1_dir, "coord", crop_tokens=4, **{"cond.coord_grid": 5})
+  setup = stage2_trainer.Stage2Setup(config, first)
+  assert setup.prefix_len == 2 and setup.num_image_tokens == 16
+  tokens = np.asarray(setup.sequence({"first": first.params}, batch, jax.random.PRNGKey(3),
+                                     train=True))
+  by, bx = tokens[:, 0] - N_CODES, tokens[:, 1] - N_CODES - 5
+  for b in range(2):   # origin bins of a 4-wide window in 8 are the origins (5 bins, span 4)
+    window = np.asarray(img_codes)[b, by[b]:by[b] + 4, bx[b]:bx[b] + 4]
+    np.testing.assert_array_equal(tokens[b, 2:], window.reshape(-1))
+
+
+# ----- training, resume, checkpoints ------------------------------------------------------
+
+
+def test_training_metrics_and_checkpoint_metadata(class_run, stage1_dir):
+  workdir, config, metrics = class_run
+  for key in ("val_loss", "val_bits_per_token", "unigram_entropy_bits",
+              "val_unigram_bits_per_token"):
+    assert np.isfinite(metrics[key]), key
+  assert metrics["val_bits_per_token"] == pytest.approx(metrics["val_loss"] / np.log(2))
+  assert 0 < metrics["unigram_entropy_bits"] <= np.log2(N_CODES) + 1e-6
+  meta, step = stage2_trainer.read_stage2_metadata(workdir)
+  assert step == 3 and meta["stage"] == "transformer" and meta["attention"] == "softmax"
+  assert meta["vocab"]["ranges"]["image"] == [0, N_CODES]
+  assert meta["vocab"]["ranges"]["class"] == [N_CODES, N_CODES + 7]
+  assert meta["vocab"]["ranges"]["null_class"] == [N_CODES + 7, N_CODES + 8]
+  assert meta["first_stage"] == {"workdir": os.path.abspath(stage1_dir), "step": 2,
+                                 "n_embed": N_CODES, "latent_grid": [8, 8],
+                                 "downsample_factor": 2}
+  assert meta["config"]["cond"]["kind"] == "class"
+  loaded = stage2_trainer.load_stage2(workdir)
+  assert loaded.model.vocab_size == N_CODES + 8 and loaded.model.block_size == 65
+  assert loaded.first_stage.n_embed == N_CODES and loaded.cond_stage is None
+  # Frozen VQGAN parameters are not part of the stage-2 checkpoint.
+  assert "encoder" not in loaded.params and "blocks_0" in loaded.params
+  with pytest.raises(checkpointing.CheckpointError, match="'linear'"):
+    stage2_trainer.load_stage2(workdir, attention="linear")
+
+
+def test_resume_continues_from_checkpoint(class_run, tmp_path, monkeypatch):
+  src, config, _ = class_run
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(src, workdir)
+  saved = stage2_trainer.load_stage2(workdir)
+  seen = []
+  original = stage2_trainer.Stage2Runner.train_step
+
+  def recording(self, state, batch):
+    if not seen:
+      seen.append((int(state.trainer.step), jax.device_get(state.params)))
+    return original(self, state, batch)
+
+  monkeypatch.setattr(stage2_trainer.Stage2Runner, "train_step", recording)
+  config = tiny_stage2_config(config.first_stage.workdir, num_train_steps=5,
+                              checkpoint_every_steps=5, unigram_batches=0)
+  stage2_trainer.train_and_evaluate(config, workdir)
+  step, params = seen[0]
+  assert step == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(saved.params))
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  assert sorted(manager.all_steps()) == [3, 5]
+  assert stage2_trainer.read_stage2_metadata(workdir)[0]["step"] == 5
+
+
+# ----- bad input fails before anything is compiled ------------------------------------------
+
+
+@pytest.fixture
+def no_runner(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("a Stage2Runner (compilation) was created before the error")
+  monkeypatch.setattr(stage2_trainer, "Stage2Runner", fail)
+
+
+def test_missing_stage1_workdir_fails_naming_it(tmp_path, no_runner):
+  missing = str(tmp_path / "no_such_vqgan")
+  with pytest.raises(checkpointing.CheckpointError, match="no_such_vqgan"):
+    stage2_trainer.train_and_evaluate(tiny_stage2_config(missing), str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "w" / "checkpoints")
+
+
+def test_codebook_or_grid_mismatch_fails_naming_values(stage1_dir, tmp_path, no_runner):
+  config = tiny_stage2_config(stage1_dir, **{"first_stage.n_embed": 64})
+  with pytest.raises(config_lib.ConfigError) as err:
+    stage2_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "64" in str(err.value) and str(N_CODES) in str(err.value) and stage1_dir in str(err.value)
+  config = tiny_stage2_config(stage1_dir, **{"first_stage.latent_grid": (16, 16)})
+  with pytest.raises(config_lib.ConfigError, match=r"\(16, 16\).*\(8, 8\)"):
+    stage2_trainer.train_and_evaluate(config, str(tmp_path / "w2"))
+
+
+def test_spatial_needs_a_segmentation_vqgan(stage1_dir, tmp_path, no_runner):
+  # The image VQGAN is no conditioning VQGAN: it was trained on RGB, not segmentations.
+  config = tiny_stage2_config(stage1_dir, "spatial", **{"cond.cond_stage_workdir": stage1_dir})
+  with pytest.raises(config_lib.ConfigError, match="segmentation"):
+    stage2_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_sampling_rejects_bad_class_label_before_sampling(class_run, tmp_path, monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("sampling started")
+  monkeypatch.setattr(sampling, "sample", fail)
+  monkeypatch.setattr(stage2_trainer, "load_stage2", fail)
+  workdir = class_run[0]
+  with pytest.raises(ValueError, match="class label 7 is out of range.*7 classes"):
+    sample.run_sampling(workdir, str(tmp_path), classes=[0, 7])
+  with pytest.raises(ValueError, match="class label -1"):
+    sample.run_sampling(workdir, str(tmp_path), classes=[-1])
+  linear = tiny_stage2_config(class_run[1].first_stage.workdir, **{"model.attention": "linear"})
+  with pytest.raises(checkpointing.CheckpointError, match="attention"):
+    sample.run_sampling(workdir, str(tmp_path), config=linear)
+
+
+# ----- the sampling CLI ---------------------------------------------------------------------
+
+
+def test_sample_cli_writes_pngs(class_run, tmp_path, compilation_cache):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "samples"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run(
+      [sys.executable, "-m", "vqgan_jax.sample", f"--workdir={class_run[0]}", f"--output={out}",
+       "--classes=0,3", "--num_samples_per_class=2", "--num_samples=2", "--seed=1",
+       "--top_k=8", "--cfg_scale=1.5"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  names = sorted(os.listdir(out))
+  assert names == ["class_0000_astronaut.png", "class_0003_rocket.png", "sliding_window.png"]
+  assert str(out / "sliding_window.png") in result.stdout
+  with Image.open(out / "class_0000_astronaut.png") as im:
+    assert im.size == (2 + 2 * (16 + 2), 2 + 16 + 2)       # two 16px samples in one row
+  with Image.open(out / "sliding_window.png") as im:
+    assert im.size == (2 + 2 * (32 + 2), 2 + 32 + 2)       # 16x16 tokens x f=2: 32px, 2 classes

@@ -1,0 +1,554 @@
+r"""Benchmarks: step times, throughput, analytic FLOPs and MFU, printed as ONE JSON line.
+
+  python -m vqgan_jax.bench --task stage1_step --config configs/vqgan_demo.py [--gan] [--steps 10]
+  python -m vqgan_jax.bench --task stage2_step [--config configs/transformer_default.py] \
+      [--vocab_size 1024 --block_size 256 --n_layer 8 --n_head 8 --n_embd 512 --batch_size 8]
+  python -m vqgan_jax.bench --task sample   [GPT flags as stage2_step]
+  python -m vqgan_jax.bench --task conv
+
+Config overrides use ml_collections syntax (`--config.batch_size=4`); the config is locked,
+so a misspelt key is an error rather than a silently ignored field.
+
+Every task prints one JSON object on stdout (logs go to stderr). Common fields:
+  task, backend, device_kind, num_devices, jax_version, loadavg_start / loadavg_end
+    (/proc/loadavg 1-min figure; timings taken under load > ~1 on a 2-core CPU are not
+    representative), peak_flops_per_s, peak_source ("measured: f32 matmul NxN" on CPU,
+    "table: ..." on accelerators; the tables hold dense bf16 peaks).
+stage1_step / stage2_step add:
+  compile_s (lower + compile), steps, warmup, step_s_median / step_s_min / step_s_max,
+  examples_per_s, tokens_per_s (stage 2), flops_per_step (vqgan_jax.flops, analytic),
+  achieved_flops_per_s = flops_per_step / step_s_median, mfu = achieved / peak.
+sample adds `kv_vs_naive`, `per_token`, `long_sampling` and `train_steps` sections,
+conv adds `shapes`; see the functions below for their fields.
+
+Timing: each step is dispatched, then blocked on (jax.block_until_ready) before the clock
+stops; the first `warmup` executions are dropped. Train steps donate their state
+(donate_argnums=0) and reuse one synthetic on-device batch, so data loading is excluded.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from jax import lax
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from vqgan_jax import flops as flops_lib
+
+FLAGS = flags.FLAGS
+TASKS = ("stage1_step", "stage2_step", "sample", "conv")
+
+flags.DEFINE_enum("task", "stage1_step", TASKS, "What to time.")
+config_flags.DEFINE_config_file(
+    "config", None, "Stage-1 config (stage1_step) or transformer config (stage2_step, "
+    "sample; optional there: GPT flags are used without one).", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed executions (after warm-up).")
+flags.DEFINE_integer("warmup", 2, "Untimed executions after compilation.")
+flags.DEFINE_bool("gan", False, "stage1_step: include the GAN terms and discriminator update.")
+# GPT without a config (the reference configuration (b) is the default).
+flags.DEFINE_integer("vocab_size", 1024, "GPT vocabulary.")
+flags.DEFINE_integer("block_size", 256, "GPT context; stage2_step trains on this many tokens.")
+flags.DEFINE_integer("n_layer", 8, "GPT blocks.")
+flags.DEFINE_integer("n_head", 8, "GPT heads.")
+flags.DEFINE_integer("n_embd", 512, "GPT width.")
+flags.DEFINE_integer("batch_size", 8, "stage2_step batch (sequences) without a config.")
+flags.DEFINE_enum("attention", "softmax", ["softmax", "linear"], "stage2_step attention kernel.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GPT compute dtype without a config.")
+flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate without a config.")
+# sample task
+flags.DEFINE_integer("sample_batch", 1, "sample: sequences decoded in parallel.")
+flags.DEFINE_list("sample_lengths", ["256", "1024"], "sample: KV cache vs recompute lengths.")
+flags.DEFINE_integer("naive_steps", 8, "sample: recomputation steps timed per length; the "
+                     "full time is extrapolated (every recompute step costs the same).")
+flags.DEFINE_list("positions", ["256", "1024", "4096"], "sample: per-token decode positions.")
+flags.DEFINE_integer("decode_steps", 32, "sample: decode steps timed per position.")
+flags.DEFINE_integer("long_length", 4096, "sample: tokens of the long sampling comparison.")
+flags.DEFINE_bool("full_long_sampling", True, "sample: really sample long_length tokens with "
+                  "linear and softmax-cache decoding (else: estimate from per-token times).")
+flags.DEFINE_list("train_lengths", ["256", "1024", "4096"], "sample: train-step lengths.")
+flags.DEFINE_integer("train_batch", 1, "sample: sequences per train step.")
+flags.DEFINE_integer("train_steps", 3, "sample: timed train steps per length and kernel.")
+flags.DEFINE_integer("linear_chunk_size", 64, "Chunk length of linear attention.")
+# conv task
+flags.DEFINE_integer("conv_batch", 8, "conv: batch of every shape.")
+# peak
+flags.DEFINE_integer("peak_size", 2048, "CPU: side of the f32 matmul measuring peak FLOP/s.")
+flags.DEFINE_string("output", None, "Also write the JSON object to this file.")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def loadavg() -> Optional[float]:
+  try:
+    with open("/proc/loadavg") as fh:
+      return float(fh.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> List[float]:
+  """Seconds of each of `steps` calls of fn() (which must block), after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def summary(times: Sequence[float]) -> Dict[str, float]:
+  return {"step_s_median": statistics.median(times), "step_s_min": min(times),
+          "step_s_max": max(times), "steps": len(times)}
+
+
+# Dense bf16 peaks per chip, matched against jax's device_kind (lower-case substrings, in
+# order: the first match wins).
+PEAK_TABLE = (
+    ("v6 lite", 918e12, "TPU v6e"), ("v6e", 918e12, "TPU v6e"),
+    ("v5 lite", 197e12, "TPU v5e"), ("v5e", 197e12, "TPU v5e"),
+    ("v5p", 459e12, "TPU v5p"), ("tpu v4", 275e12, "TPU v4"),
+    ("h200", 989e12, "H200 (as H100 SXM)"), ("h100 pcie", 756e12, "H100 PCIe"),
+    ("h100", 989e12, "H100 SXM"), ("a100", 312e12, "A100"),
+)
+
+
+def measure_matmul_peak(size: int, repeats: int = 5) -> float:
+  """FLOP/s of a jitted size x size x size f32 matmul (median of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  times = time_calls(lambda: mm(a, b).block_until_ready(), repeats, 2)
+  return 2.0 * size ** 3 / statistics.median(times)
+
+
+def device_peak(size: Optional[int] = None) -> Dict[str, Any]:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    size = size or FLAGS.peak_size
+    return {"peak_flops_per_s": measure_matmul_peak(size),
+            "peak_source": f"measured: f32 matmul {size}x{size}, median of 5"}
+  kind = dev.device_kind.lower()
+  for key, peak, name in PEAK_TABLE:
+    if key in kind:
+      return {"peak_flops_per_s": peak, "peak_source": f"table: {name} dense bf16"}
+  return {"peak_flops_per_s": None, "peak_source": f"unknown device_kind {dev.device_kind!r}"}
+
+
+def environment() -> Dict[str, Any]:
+  dev = jax.devices()[0]
+  return {"backend": dev.platform, "device_kind": dev.device_kind,
+          "num_devices": jax.device_count(), "jax_version": jax.__version__}
+
+
+def rates(result: Dict[str, Any], flops_per_step: Optional[float], peak: Optional[float]):
+  median = result["step_s_median"]
+  result["flops_per_step"] = flops_per_step
+  achieved = flops_per_step / median if flops_per_step else None
+  result["achieved_flops_per_s"] = achieved
+  result["mfu"] = achieved / peak if achieved and peak else None
+  return result
+
+
+def compile_timed(jitted, *args, **kwargs):
+  """(compiled executable, seconds spent lowering and compiling)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  return compiled, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ stage 1
+
+
+def bench_stage1(config) -> Dict[str, Any]:
+  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  if config is None:
+    raise app.UsageError("--task stage1_step needs --config (e.g. configs/vqgan_demo.py)")
+  setup = stage1_trainer.Stage1Setup(config)
+  lpips_params = None
+  if config.loss.perceptual_weight > 0:
+    from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
+    lpips_params = lpips.load_lpips_params()
+  state = jax.jit(setup.init_state)(setup.rng)
+  b, size, m = config.batch_size, config.data.image_size, config.model
+  key = jax.random.PRNGKey(1)
+  if config.data.input == "segmentation":
+    batch = {"segmentation": jax.random.randint(key, (b, size, size), 0, m.in_channels)}
+  else:
+    batch = {"image": jax.random.uniform(key, (b, size, size, m.in_channels), jnp.float32,
+                                         -1.0, 1.0)}
+  step = jax.jit(functools.partial(setup.train_step, use_gan=FLAGS.gan), donate_argnums=0)
+  compiled, compile_s = compile_timed(step, state, batch, lpips_params)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch, lpips_params)
+    jax.block_until_ready((holder["state"], metrics))
+
+  times = time_calls(run, FLAGS.steps, FLAGS.warmup)
+  result = {"compile_s": compile_s, **summary(times), "warmup": FLAGS.warmup,
+            "batch_size": b, "image_size": size, "gan": FLAGS.gan,
+            "perceptual": config.loss.perceptual_weight > 0,
+            "compute_dtype": config.compute_dtype}
+  result["examples_per_s"] = b / result["step_s_median"]
+  parts = flops_lib.stage1_train_step_breakdown(
+      b, size, flops_lib._model_kwargs(m),  # pylint: disable=protected-access
+      perceptual=config.loss.perceptual_weight > 0, use_gan=FLAGS.gan,
+      disc_ndf=config.loss.disc_ndf, disc_layers=config.loss.disc_num_layers)
+  result["flops_breakdown"] = parts
+  return result, sum(parts.values())
+
+
+# ------------------------------------------------------------------------------ stage 2
+
+
+def gpt_from_flags(block_size: Optional[int] = None, attention: Optional[str] = None):
+  from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
+  return GPT(vocab_size=FLAGS.vocab_size, block_size=block_size or FLAGS.block_size,
+             n_layer=FLAGS.n_layer, n_head=FLAGS.n_head, n_embd=FLAGS.n_embd,
+             attention=attention or FLAGS.attention, linear_chunk_size=FLAGS.linear_chunk_size,
+             dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
+
+
+def gpt_from_config(config):
+  """(GPT, seq_len, batch, optimizer, description) for a transformer config.
+
+  Uses `stage2_trainer.stated_model` (vocab and block size derived from first_stage.n_embed
+  and first_stage.latent_grid, as training would) when those are stated; otherwise the GPT
+  flags fill in vocab_size / block_size where the config leaves them 0.
+  """
+  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+  m = config.model
+  try:
+    gpt, _, prefix, n = stage2_trainer.stated_model(config)
+    seq_len = prefix + n - 1
+    source = "stage2_trainer.stated_model"
+  except Exception as err:  # pylint: disable=broad-except
+    logging.info("stated_model unavailable (%s); vocab/block from config or flags", err)
+    from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
+    block = m.block_size or FLAGS.block_size
+    gpt = GPT(vocab_size=m.vocab_size or FLAGS.vocab_size, block_size=block,
+              n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, embd_pdrop=m.embd_pdrop,
+              resid_pdrop=m.resid_pdrop, attn_pdrop=m.attn_pdrop, attention=m.attention,
+              linear_chunk_size=m.linear_chunk_size,
+              dtype=stage2_trainer.compute_dtype(config), remat=m.remat)
+    seq_len = block
+    source = "config.model (+ flags for vocab/block)"
+  return gpt, seq_len, config.batch_size, stage2_trainer.make_optimizer(config), source
+
+
+def gpt_train_step(gpt, tx):
+  """(params, opt_state), tokens (B, T + 1) -> new state, loss: next-token CE + optimizer."""
+  def step(state, tokens, key):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = gpt.apply({"params": p}, tokens[:, :-1], train=True, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+  return jax.jit(step, donate_argnums=0)
+
+
+def time_gpt_train(gpt, tx, batch: int, seq_len: int, steps: int, warmup: int):
+  params = jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))["params"]
+  state = (params, jax.jit(tx.init)(params))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len + 1), 0, gpt.vocab_size)
+  key = jax.random.PRNGKey(2)
+  compiled, compile_s = compile_timed(gpt_train_step(gpt, tx), state, tokens, key)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], loss = compiled(holder["state"], tokens, key)
+    jax.block_until_ready((holder["state"], loss))
+
+  times = time_calls(run, steps, warmup)
+  return {"compile_s": compile_s, **summary(times), "warmup": warmup}
+
+
+def gpt_flop_kwargs(gpt) -> Dict[str, Any]:
+  return dict(vocab_size=gpt.vocab_size, n_layer=gpt.n_layer, n_embd=gpt.n_embd,
+              n_head=gpt.n_head, attention=gpt.attention, linear_chunk_size=gpt.linear_chunk_size)
+
+
+def bench_stage2(config) -> Dict[str, Any]:
+  if config is not None:
+    gpt, seq_len, batch, tx, source = gpt_from_config(config)
+  else:
+    gpt, seq_len, batch = gpt_from_flags(), FLAGS.block_size, FLAGS.batch_size
+    tx, source = optax.adam(FLAGS.learning_rate), "flags"
+  result = time_gpt_train(gpt, tx, batch, seq_len, FLAGS.steps, FLAGS.warmup)
+  result.update(model_source=source, batch_size=batch, seq_len=seq_len,
+                gpt=dict(gpt_flop_kwargs(gpt), block_size=gpt.block_size,
+                         dtype=jnp.dtype(gpt.dtype).name))
+  result["examples_per_s"] = batch / result["step_s_median"]
+  result["tokens_per_s"] = batch * seq_len / result["step_s_median"]
+  return result, flops_lib.gpt_train_step_flops(batch, seq_len, **gpt_flop_kwargs(gpt))
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def _init_gpt(gpt):
+  return jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def _sample_time(fn, compiled_args, repeats: int):
+  """(compile seconds, median run seconds) of a jitted sampler."""
+  compiled, compile_s = compile_timed(fn, **compiled_args)
+  dynamic = {k: v for k, v in compiled_args.items() if k not in ("model", "num_tokens")}
+  times = time_calls(lambda: compiled(**dynamic).block_until_ready(), repeats, 0)
+  return compile_s, statistics.median(times), times
+
+
+def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
+  """Sampling `length` tokens after one prefix token: KV cache (`sample`) vs recomputing the
+  full forward pass per token (`sample_naive`). The naive figure is extrapolated from
+  `naive_steps` steps over the same `length`-token buffer, which is exact up to noise
+  because every naive step runs the same full-buffer forward."""
+  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+  gpt = gpt_from_flags(block_size=length, attention="softmax")
+  params = _init_gpt(gpt)
+  key = jax.random.PRNGKey(3)
+  prefix = jnp.zeros((batch, 1), jnp.int32)
+  c_compile, c_time, c_all = _sample_time(
+      sampling.sample, dict(params=params, model=gpt, prefix_tokens=prefix, num_tokens=length,
+                            key=key), repeats=2 if length > 512 else 3)
+  k = min(FLAGS.naive_steps, length)
+  naive_prefix = jnp.zeros((batch, length - k + 1), jnp.int32)
+  n_compile, n_time, _ = _sample_time(
+      sampling.sample_naive, dict(params=params, model=gpt, prefix_tokens=naive_prefix,
+                                  num_tokens=k, key=key), repeats=2)
+  naive_total = n_time / k * length
+  return {"tokens": length, "batch": batch,
+          "kv_cache_s": c_time, "kv_cache_runs_s": c_all, "kv_cache_compile_s": c_compile,
+          "kv_cache_tokens_per_s": batch * length / c_time,
+          "naive_s": naive_total, "naive_estimated_from_steps": k if k < length else None,
+          "naive_compile_s": n_compile, "naive_tokens_per_s": batch * length / naive_total,
+          "speedup": naive_total / c_time}
+
+
+def _decode_scan(gpt, k: int):
+  from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
+
+  def run(params, cache, start):
+    def body(carry, i):
+      token, cache = carry
+      logits, cache = gpt.apply(params, token[:, None], start + i, cache, method=GPT.decode_step)
+      return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+    batch = jax.tree_util.tree_leaves(cache["layers"])[0].shape[0]
+    (token, _), _ = lax.scan(body, (jnp.zeros((batch,), jnp.int32), cache),
+                             jnp.arange(k, dtype=jnp.int32))
+    return token
+  return jax.jit(run)
+
+
+def per_token_decode(positions: Sequence[int], batch: int) -> Dict[str, Any]:
+  """Seconds per decoded token at each position: `decode_steps` steps ending at the
+  position, in one compiled scan. Softmax: a cache of `position` slots, which is what
+  `sample` allocates for that many tokens (its step attends over the whole buffer, masked);
+  linear: the recurrent state (O(1) in the position)."""
+  k = FLAGS.decode_steps
+  longest = max(positions)
+  out = {}
+  for kind in ("softmax", "linear"):
+    gpt = gpt_from_flags(block_size=longest, attention=kind)
+    params = _init_gpt(gpt)
+    fn = _decode_scan(gpt, k)
+    rows = {}
+    for p in positions:
+      cache = gpt.init_cache(batch, p)
+      start = jnp.int32(p - k)
+      compiled, _ = compile_timed(fn, params, cache, start)
+      times = time_calls(lambda: compiled(params, cache, start).block_until_ready(), 3, 1)
+      per_token = statistics.median(times) / k
+      rows[str(p)] = {"s_per_token": per_token, "tokens_per_s": batch / per_token,
+                      "flops_per_token": flops_lib.gpt_decode_step_flops(
+                          batch, p, **gpt_flop_kwargs(gpt))}
+    out[kind] = rows
+  lo, hi = str(min(positions)), str(longest)
+  out["linear_ratio_longest_to_shortest"] = (out["linear"][hi]["s_per_token"]
+                                             / out["linear"][lo]["s_per_token"])
+  out["softmax_ratio_longest_to_shortest"] = (out["softmax"][hi]["s_per_token"]
+                                              / out["softmax"][lo]["s_per_token"])
+  out["decode_steps"] = k
+  return out
+
+
+def long_sampling(length: int, batch: int, per_token: Dict[str, Any]) -> Dict[str, Any]:
+  """Time to sample `length` tokens: linear (recurrent), softmax KV cache, softmax without a
+  cache (always estimated: `naive_steps` full-buffer forwards, scaled to `length`)."""
+  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+  key = jax.random.PRNGKey(4)
+  prefix = jnp.zeros((batch, 1), jnp.int32)
+  out = {"tokens": length, "batch": batch}
+  for kind in ("linear", "softmax"):
+    name = f"{kind}_cache" if kind == "softmax" else "linear_recurrent"
+    if FLAGS.full_long_sampling:
+      gpt = gpt_from_flags(block_size=length, attention=kind)
+      params = _init_gpt(gpt)
+      compile_s, run_s, _ = _sample_time(
+          sampling.sample, dict(params=params, model=gpt, prefix_tokens=prefix,
+                                num_tokens=length, key=key), repeats=1)
+      out[name] = {"s": run_s, "compile_s": compile_s, "measured": "one full run"}
+    else:
+      est = per_token[kind][str(length)]["s_per_token"] * length
+      out[name] = {"s": est, "measured": "per-token time at the last position x length"}
+  gpt = gpt_from_flags(block_size=length, attention="softmax")
+  params = _init_gpt(gpt)
+  k = max(1, min(FLAGS.naive_steps // 4, length))
+  _, n_time, _ = _sample_time(
+      sampling.sample_naive, dict(params=params, model=gpt,
+                                  prefix_tokens=jnp.zeros((batch, length - k + 1), jnp.int32),
+                                  num_tokens=k, key=key), repeats=1)
+  out["softmax_no_cache"] = {"s": n_time / k * length,
+                             "measured": f"estimated from {k} full-buffer forward steps"}
+  out["linear_speedup_vs_softmax_cache"] = out["softmax_cache"]["s"] / out["linear_recurrent"]["s"]
+  return out
+
+
+def train_lengths(lengths: Sequence[int], batch: int, peak) -> Dict[str, Any]:
+  out = {}
+  for kind in ("softmax", "linear"):
+    rows = {}
+    for t in lengths:
+      gpt = gpt_from_flags(block_size=t, attention=kind)
+      steps = FLAGS.train_steps
+      try:
+        r = time_gpt_train(gpt, optax.adam(FLAGS.learning_rate), batch, t, steps, 1)
+      except Exception as err:  # pylint: disable=broad-except
+        rows[str(t)] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        continue
+      r["tokens_per_s"] = batch * t / r["step_s_median"]
+      rates(r, flops_lib.gpt_train_step_flops(batch, t, **gpt_flop_kwargs(gpt)), peak)
+      rows[str(t)] = r
+    out[kind] = rows
+  out["batch"] = batch
+  return out
+
+
+def bench_sample(config) -> Dict[str, Any]:
+  del config  # sampling uses the GPT flags (several block sizes are needed)
+  batch = FLAGS.sample_batch
+  peak = device_peak()
+  result = {"gpt": dict(vocab_size=FLAGS.vocab_size, n_layer=FLAGS.n_layer, n_head=FLAGS.n_head,
+                        n_embd=FLAGS.n_embd, dtype=FLAGS.dtype,
+                        linear_chunk_size=FLAGS.linear_chunk_size), **peak}
+  result["kv_vs_naive"] = {str(n): kv_vs_naive(int(n), batch) for n in FLAGS.sample_lengths}
+  logging.info("kv_vs_naive done: %s", result["kv_vs_naive"])
+  positions = sorted(int(p) for p in FLAGS.positions)
+  result["per_token"] = per_token_decode(positions, batch)
+  logging.info("per_token done: %s", result["per_token"])
+  if FLAGS.long_length:
+    result["long_sampling"] = long_sampling(FLAGS.long_length, batch, result["per_token"])
+    logging.info("long_sampling done: %s", result["long_sampling"])
+  lengths = [int(t) for t in FLAGS.train_lengths]
+  if lengths:
+    result["train_steps"] = train_lengths(lengths, FLAGS.train_batch, peak["peak_flops_per_s"])
+  return result
+
+
+# ------------------------------------------------------------------------------ conv
+
+CONV_SHAPES = (
+    # (height=width, cin, cout): VGG16 / LPIPS deep stages and the VQGAN's low levels
+    (2, 512, 512), (4, 512, 512), (4, 256, 256), (8, 512, 512), (16, 256, 256),
+)
+
+
+@contextlib.contextmanager
+def _im2col_limit(value: int):
+  from vqgan_jax.models import layers  # pylint: disable=g-import-not-at-top
+  saved = layers.IM2COL_MAX_POSITIONS
+  layers.IM2COL_MAX_POSITIONS = value
+  try:
+    yield
+  finally:
+    layers.IM2COL_MAX_POSITIONS = saved
+
+
+def bench_conv(config) -> Dict[str, Any]:
+  """XLA's convolution vs the im2col lowering of `layers.conv2d` (3x3, stride 1, pad 1),
+  forward and gradient (input + kernel), on the shapes where the switch matters."""
+  del config
+  from vqgan_jax.models import layers  # pylint: disable=g-import-not-at-top
+  pad = ((1, 1), (1, 1))
+  batch = FLAGS.conv_batch
+  rows = []
+  for size, cin, cout in CONV_SHAPES:
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, cin), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout), jnp.float32) * 0.02
+    ct = jax.random.normal(jax.random.PRNGKey(2), (batch, size, size, cout), jnp.float32)
+    fwd = lambda x, w: layers.conv2d(x, w, (1, 1), pad)
+    grad = jax.grad(lambda x, w: jnp.vdot(layers.conv2d(x, w, (1, 1), pad), ct), argnums=(0, 1))
+    f = flops_lib.conv_flops(batch, size, size, 3, 3, cin, cout)
+    row = {"shape": f"{batch}x{size}x{size}x{cin}->{cout}", "positions": size * size,
+           "uses_im2col": size * size <= layers.IM2COL_MAX_POSITIONS}
+    for path, limit in (("xla", -1), ("im2col", 1 << 30)):
+      for name, fn, mult in (("fwd", fwd, 1), ("grad", grad, 3)):
+        with _im2col_limit(limit):
+          compiled, _ = compile_timed(jax.jit(fn), x, w)
+        times = time_calls(lambda: jax.block_until_ready(compiled(x, w)),
+                           max(FLAGS.steps, 5), FLAGS.warmup)
+        t = statistics.median(times)
+        row[f"{path}_{name}_s"] = t
+        row[f"{path}_{name}_gflops_per_s"] = mult * f / t / 1e9
+    row["im2col_speedup_fwd"] = row["xla_fwd_s"] / row["im2col_fwd_s"]
+    row["im2col_speedup_grad"] = row["xla_grad_s"] / row["im2col_grad_s"]
+    rows.append(row)
+    logging.info("conv %s", row)
+  return {"im2col_max_positions": layers.IM2COL_MAX_POSITIONS, "shapes": rows}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  result: Dict[str, Any] = {"task": FLAGS.task, **environment(), "loadavg_start": loadavg()}
+  if FLAGS.task in ("stage1_step", "stage2_step"):
+    run = bench_stage1 if FLAGS.task == "stage1_step" else bench_stage2
+    timed, flops_per_step = run(config)
+    result.update(timed)
+    result.update(device_peak())
+    rates(result, flops_per_step, result["peak_flops_per_s"])
+  elif FLAGS.task == "sample":
+    result.update(bench_sample(config))
+  else:
+    result.update(bench_conv(config))
+    result.update(device_peak())
+  result["loadavg_end"] = loadavg()
+  line = json.dumps(result, default=_json_default)
+  if FLAGS.output:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as fh:
+      fh.write(line + "\n")
+  print(line)
+  sys.stdout.flush()
+
+
+def _json_default(value):
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (np.floating,)):
+    return float(value)
+  return str(value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,384 @@
+"""Samples from a stage-2 checkpoint, decoded by the frozen stage-1 VQGAN, as PNG grids.
+
+  python -m vqgan_jax.sample --workdir STAGE2_DIR --output DIR [--config CONFIG]
+      [--step -1] [--seed 0] [--temperature T] [--top_k K] [--top_p P] [--cfg_scale S]
+      [--num_samples N] [--classes 0,3,5] [--sliding_window_factor F]
+
+Unset options come from `sampling` of --config (which must then ask for the same attention
+type as the checkpoint) or, without --config, from the checkpoint's own config.
+
+What is written, by the checkpoint's conditioning kind:
+  class    class_<c>[_<name>].png    num_samples_per_class samples of each class in --classes
+                                     (default: all); classifier-free guidance with
+                                     --cfg_scale != 1 (models trained with cfg_dropout > 0)
+  none     unconditional.png         num_samples samples
+  spatial  spatial_conditioned.png   rows: condition map (colour per segment), the real val
+                                     crop it came from, the sample; val-split conditions
+  coord    coord_conditioned.png     windows sampled at random crop origins
+  all      sliding_window.png        token grids sliding_window_factor times the trained
+                                     window per side, sampled with the sliding attention
+                                     window (taming's sampler; guidance is not applied):
+                                     class: the first requested classes; spatial: a larger
+                                     condition region from the photos (see
+                                     `spatial_regions`); coord: each window conditioned on
+                                     its own origin.
+The paths written are printed.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from vqgan_jax import checkpointing, data, sampling, stage1_trainer, stage2_trainer, train_utils
+from vqgan_jax.models import vqgan
+
+# Colours of segment ids in the condition maps (cycled when there are more segments).
+_PALETTE = np.array([
+    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    [0, 0, 0], [255, 255, 255]], np.float32)
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 0.0
+  cfg_scale: float = 1.0
+  num_samples: int = 8
+  num_samples_per_class: int = 4
+  classes: Optional[Sequence[int]] = None
+  sliding_window_factor: int = 2
+  batch_size: int = 64
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, sampling_config, **overrides) -> "SamplingOptions":
+    values = {f.name: sampling_config[f.name] for f in dataclasses.fields(cls)
+              if f.name in sampling_config}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def check_options(metadata: Dict[str, Any], opts: SamplingOptions) -> List[int]:
+  """Validates options against a checkpoint's metadata (before anything is sampled);
+  returns the class labels to draw (class-conditional models) or []."""
+  layout = stage2_trainer.VocabLayout.from_dict(metadata["vocab"])
+  if opts.temperature < 0:
+    raise ValueError(f"temperature={opts.temperature} must be >= 0 (0 = greedy)")
+  if opts.top_k < 0:
+    raise ValueError(f"top_k={opts.top_k} must be >= 0 (0 = off)")
+  if not 0.0 <= opts.top_p <= 1.0:
+    raise ValueError(f"top_p={opts.top_p} must be in [0, 1] (0 = off)")
+  if opts.sliding_window_factor < 1:
+    raise ValueError(f"sliding_window_factor={opts.sliding_window_factor} must be >= 1")
+  if min(opts.num_samples, opts.num_samples_per_class, opts.batch_size) < 1:
+    raise ValueError("num_samples, num_samples_per_class and batch_size must be >= 1")
+  if opts.cfg_scale != 1.0 and not (layout.kind == "class" and layout.has_null_class):
+    raise ValueError(
+        f"cfg_scale={opts.cfg_scale} needs a class-conditional model trained with "
+        f"cond.cfg_dropout > 0 (this one: kind={layout.kind!r}, null class "
+        f"{'present' if layout.has_null_class else 'absent'}); use cfg_scale=1")
+  if layout.kind != "class":
+    if opts.classes:
+      raise ValueError(f"classes={list(opts.classes)} given but the model is conditioned on "
+                       f"{layout.kind!r}, not on classes")
+    return []
+  classes = list(range(layout.num_classes)) if not opts.classes else [int(c) for c in opts.classes]
+  for c in classes:
+    if not 0 <= c < layout.num_classes:
+      raise ValueError(f"class label {c} is out of range: the model has {layout.num_classes} "
+                       f"classes, labels 0..{layout.num_classes - 1}")
+  return classes
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled helpers
+# ---------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(model: vqgan.VQModel, params, indices):
+  x = model.apply({"params": params}, indices, method=vqgan.VQModel.decode_indices)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode(model: vqgan.VQModel, params, x):
+  return model.apply({"params": params}, x, method=vqgan.VQModel.encode_to_indices)
+
+
+def decode(frozen, indices) -> np.ndarray:
+  """Images (B, H, W, C) in [-1, 1] of token grids (B, h, w) under a frozen VQGAN."""
+  return np.asarray(_decode(frozen.model, frozen.params, jnp.asarray(indices, jnp.int32)))
+
+
+def encode_inputs(frozen, batch) -> np.ndarray:
+  """Token grid of a batch under a frozen VQGAN (its own data.input: image or segmentation)."""
+  x = stage1_trainer.model_inputs({k: jnp.asarray(v) for k, v in batch.items()}, frozen.config)
+  return np.asarray(_encode(frozen.model, frozen.params, x))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layout", "grid_h", "grid_w", "window_h",
+                                             "window_w", "batch", "top_k", "num_image_codes"))
+def sample_sliding_window_coord(params, model, layout, grid_h: int, grid_w: int,
+                                window_h: int, window_w: int, batch: int, key,
+                                temperature=1.0, top_k=None, top_p=None,
+                                num_image_codes=None):
+  """`sampling.sample_sliding_window` for coordinate conditioning: every window is
+  conditioned on its own origin (binned relative to grid - window, as in training)."""
+  prefix_len = layout.prefix_len()
+  length = prefix_len + window_h * window_w - 1
+  spans = (grid_h - window_h, grid_w - window_w)
+
+  def body(p, grid):
+    i, j = p // grid_w, p % grid_w
+    top, left = sampling.window_origin(i, j, grid_h, grid_w, window_h, window_w)
+    prefix = stage2_trainer.condition_tokens(
+        layout, batch, origins=(jnp.full((batch,), top), jnp.full((batch,), left)), spans=spans)
+    window = lax.dynamic_slice(grid, (0, top, left), (batch, window_h, window_w))
+    seq = jnp.concatenate([prefix, window.reshape(batch, -1)], axis=1)[:, :length]
+    flat = (i - top) * window_w + (j - left)
+    logits = model.apply(params, seq)
+    logits = lax.dynamic_index_in_dim(logits, prefix_len + flat - 1, axis=1, keepdims=False)
+    token = sampling.sample_from_logits(logits, jax.random.fold_in(key, p), temperature, top_k,
+                                        top_p, num_image_codes)
+    return grid.at[:, i, j].set(token)
+
+  grid = jnp.zeros((batch, grid_h, grid_w), jnp.int32)
+  return lax.fori_loop(0, grid_h * grid_w, body, grid)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+
+def _filters(opts: SamplingOptions):
+  top_k = int(opts.top_k) if opts.top_k > 0 else None
+  top_p = float(opts.top_p) if 0.0 < opts.top_p < 1.0 else None
+  return top_k, top_p
+
+
+def draw_tokens(loaded, prefix: np.ndarray, key, opts: SamplingOptions) -> np.ndarray:
+  """Window token grids (B, h, w) after condition prefixes (B, P), in chunks of batch_size
+  (the last chunk padded so the sampler compiles once)."""
+  layout, model = loaded.layout, loaded.model
+  h, w = loaded.window
+  top_k, top_p = _filters(opts)
+  guided = opts.cfg_scale != 1.0
+  uncond = jnp.full((1, prefix.shape[1]), layout.null_id, jnp.int32) if guided else None
+  chunk = min(opts.batch_size, prefix.shape[0])
+  out = []
+  for n, start in enumerate(range(0, prefix.shape[0], chunk)):
+    part = prefix[start:start + chunk]
+    real = part.shape[0]
+    if real < chunk:
+      part = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
+    tokens = sampling.sample(
+        {"params": loaded.params}, model, jnp.asarray(part, jnp.int32), h * w,
+        jax.random.fold_in(key, n), temperature=opts.temperature, top_k=top_k, top_p=top_p,
+        cfg_scale=opts.cfg_scale if guided else None, uncond_prefix=uncond,
+        num_image_codes=layout.n_codes)
+    out.append(np.asarray(tokens)[:real])
+  return np.concatenate(out).reshape(-1, h, w)
+
+
+def colorize(segmentation: np.ndarray) -> np.ndarray:
+  """Segment ids (B, H, W) -> RGB in [-1, 1] with a fixed palette."""
+  rgb = _PALETTE[np.asarray(segmentation) % len(_PALETTE)]
+  return rgb / 127.5 - 1.0
+
+
+def spatial_regions(data_config, size: int, count: int):
+  """(segmentation (K, size, size), image (K, size, size, 3) in [-1, 1]) of larger regions
+  for sliding-window samples: one per photo, a size x size square centred on the photo's
+  val region and, where that region is smaller, extended into the rest of the photo (the
+  bundled photos' val strips are narrower than a sliding-window canvas)."""
+  photos = data.photo_layout(data_config)
+  segs, images = [], []
+  for photo in photos:
+    h, w = photo.image.shape[:2]
+    if min(h, w) < size:
+      continue
+    by, bx, bh, bw = photo.val_box
+    y = int(np.clip(by + (bh - size) // 2, 0, h - size))
+    x = int(np.clip(bx + (bw - size) // 2, 0, w - size))
+    segs.append(np.asarray(photo.segmentation[y:y + size, x:x + size], np.int32))
+    images.append(photo.image[y:y + size, x:x + size].astype(np.float32) / 127.5 - 1.0)
+    if len(segs) == count:
+      break
+  if not segs:
+    raise ValueError(f"no photo is at least {size}x{size} pixels (data.photos.photo_short_side="
+                     f"{data_config.photos.photo_short_side}); lower sliding_window_factor")
+  return np.stack(segs), np.stack(images)
+
+
+def _rows_png(path: str, rows: Sequence[np.ndarray], per_row: int = 8) -> str:
+  """Writes rows of images; long single rows are wrapped into several rows."""
+  if len(rows) == 1 and rows[0].shape[0] > per_row:
+    images = rows[0]
+    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+  grid = train_utils.make_grid(list(rows))
+  train_utils.save_png(path, grid)
+  print(f"wrote {path}")
+  return path
+
+
+def _center_crop_tokens(grid: np.ndarray, window) -> tuple:
+  gh, gw = grid.shape[1:3]
+  y, x = (gh - window[0]) // 2, (gw - window[1]) // 2
+  return grid[:, y:y + window[0], x:x + window[1]], (y, x)
+
+
+def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
+             opts: SamplingOptions) -> Dict[str, str]:
+  """Samples as described in the module docstring; returns {name: PNG path}."""
+  classes = check_options(loaded.metadata, opts)
+  layout, config = loaded.layout, loaded.config
+  first, cond = loaded.first_stage, loaded.cond_stage
+  key = jax.random.PRNGKey(opts.seed)
+  window = loaded.window
+  f = first.downsample_factor
+  os.makedirs(output_dir, exist_ok=True)
+  written = {}
+  top_k, top_p = _filters(opts)
+
+  # ----- samples at the trained window size
+  if layout.kind == "class":
+    labels = np.repeat(np.asarray(classes, np.int32), opts.num_samples_per_class)
+    prefix = np.asarray(stage2_trainer.condition_tokens(layout, len(labels), labels=labels))
+    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    names = data.PHOTO_NAMES if config.data.name == "photos" else ()
+    for n, c in enumerate(classes):
+      name = f"class_{c:04d}" + (f"_{names[c]}" if c < len(names) else "")
+      part = images[n * opts.num_samples_per_class:(n + 1) * opts.num_samples_per_class]
+      written[name] = _rows_png(os.path.join(output_dir, name + ".png"), [part])
+  elif layout.kind == "none":
+    prefix = np.asarray(stage2_trainer.condition_tokens(layout, opts.num_samples))
+    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    written["unconditional"] = _rows_png(os.path.join(output_dir, "unconditional.png"), [images])
+  elif layout.kind == "spatial":
+    batch = next(iter(data.make_eval_iterator(config.data, batch_size=opts.num_samples)))
+    batch = {k: v for k, v in batch.items() if k in ("image", "segmentation")}
+    codes, (y, x) = _center_crop_tokens(encode_inputs(cond, batch), window)
+    prefix = np.asarray(stage2_trainer.condition_tokens(layout, codes.shape[0], cond_codes=codes))
+    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    py, px, ph, pw = y * f, x * f, window[0] * f, window[1] * f
+    seg = batch["segmentation"][:, py:py + ph, px:px + pw]
+    real = batch["image"][:, py:py + ph, px:px + pw]
+    written["spatial_conditioned"] = _rows_png(
+        os.path.join(output_dir, "spatial_conditioned.png"), [colorize(seg), real, images])
+  else:  # coord
+    grid = loaded.token_grid
+    spans = (grid[0] - window[0], grid[1] - window[1])
+    rng = np.random.default_rng(opts.seed)
+    origins = (rng.integers(0, spans[0] + 1, opts.num_samples),
+               rng.integers(0, spans[1] + 1, opts.num_samples))
+    prefix = np.asarray(stage2_trainer.condition_tokens(
+        layout, opts.num_samples, origins=tuple(jnp.asarray(o) for o in origins), spans=spans))
+    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    written["coord_conditioned"] = _rows_png(os.path.join(output_dir, "coord_conditioned.png"),
+                                             [images])
+
+  # ----- one sliding-window image set, sliding_window_factor x the window per side
+  big = (opts.sliding_window_factor * window[0], opts.sliding_window_factor * window[1])
+  count = min(opts.num_samples, 4)
+  skey = jax.random.fold_in(key, 1)
+  variables = {"params": loaded.params}
+  rows = []
+  if layout.kind == "coord":
+    tokens = sample_sliding_window_coord(
+        variables, loaded.model, layout, big[0], big[1], window[0], window[1], count, skey,
+        temperature=opts.temperature, top_k=top_k, top_p=top_p, num_image_codes=layout.n_codes)
+  else:
+    spatial = None
+    if layout.kind == "spatial":
+      seg, real = spatial_regions(config.data, big[0] * f, count)
+      spatial = encode_inputs(cond, {"segmentation": seg})
+      if spatial.shape[1:] != big:
+        raise ValueError(f"the conditioning VQGAN gives a {spatial.shape[1:]} grid for a "
+                         f"{big[0] * f}px region; expected {big}")
+      rows = [colorize(seg), real]
+      prefix = None
+      spatial = jnp.asarray(spatial + layout.offset("spatial"), jnp.int32)
+    elif layout.kind == "class":
+      labels = np.asarray(classes[:count], np.int32)
+      prefix = stage2_trainer.condition_tokens(layout, len(labels), labels=labels)
+    else:
+      prefix = stage2_trainer.condition_tokens(layout, count)
+    tokens = sampling.sample_sliding_window(
+        variables, loaded.model, prefix, big[0], big[1], window[0], window[1], skey,
+        temperature=opts.temperature, top_k=top_k, top_p=top_p, spatial_cond=spatial,
+        num_image_codes=layout.n_codes)
+  images = decode(first, np.asarray(tokens))
+  written["sliding_window"] = _rows_png(os.path.join(output_dir, "sliding_window.png"),
+                                        rows + [images])
+  return written
+
+
+def run_sampling(workdir: str, output_dir: str, config=None, step: Optional[int] = None,
+                 first_stage_workdir: Optional[str] = None, **overrides) -> Dict[str, str]:
+  """Loads a stage-2 workdir and writes the PNGs; `overrides` are SamplingOptions fields
+  (None = from `config.sampling`, or the checkpoint's config without `config`).
+  Every option is checked before the model is restored or anything is sampled."""
+  metadata, step = stage2_trainer.read_stage2_metadata(workdir, step)
+  if config is not None and config.model.attention != metadata["attention"]:
+    raise checkpointing.CheckpointError(
+        f"{workdir} step {step} holds a GPT trained with {metadata['attention']!r} attention "
+        f"but the config asks for {config.model.attention!r} (model.attention)")
+  sampling_config = (config if config is not None else
+                     checkpointing.config_from_dict(metadata["config"])).sampling
+  opts = SamplingOptions.from_config(sampling_config, **overrides)
+  check_options(metadata, opts)
+  loaded = stage2_trainer.load_stage2(
+      workdir, step, attention=config.model.attention if config is not None else None,
+      first_stage_workdir=first_stage_workdir)
+  return generate(loaded, output_dir, opts)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  classes = [int(c) for c in f.classes] if f.classes else None
+  run_sampling(f.workdir, f.output, config=f.config, step=f.step,
+               first_stage_workdir=f.first_stage_workdir, seed=f.seed,
+               temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
+               num_samples=f.num_samples, num_samples_per_class=f.num_samples_per_class,
+               classes=classes, sliding_window_factor=f.sliding_window_factor)
+
+
+def define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Stage-2 config (sampling defaults; its "
+                                  "model.attention must match the checkpoint).")
+  flags.DEFINE_string("workdir", None, "Stage-2 workdir (train_stage2.py --workdir).")
+  flags.DEFINE_string("output", None, "Folder for the PNG files.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = newest.")
+  flags.DEFINE_string("first_stage_workdir", None,
+                      "Stage-1 workdir if it moved since training (default: as recorded).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_float("temperature", None, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", None, "Top-k filtering; 0 = off.")
+  flags.DEFINE_float("top_p", None, "Nucleus filtering; 0 = off.")
+  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = off.")
+  flags.DEFINE_integer("num_samples", None, "Samples (unconditional / spatial / coord).")
+  flags.DEFINE_integer("num_samples_per_class", None, "Samples per class.")
+  flags.DEFINE_list("classes", None, "Class labels to sample (default: all).")
+  flags.DEFINE_integer("sliding_window_factor", None,
+                       "Sliding-window canvas = this x the trained window per side.")
+  flags.mark_flags_as_required(["workdir", "output"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main)
