@@ -151,9 +151,12 @@ class RefWorker:
     gpt.train()
     opt = torch.optim.Adam(gpt.parameters(), lr=c["lr"])
     idx = torch.randint(0, c["vocab_size"], (c["batch"], c["seq_len"] + 1))
+    # minGPT views the targets, so they must be contiguous (as taming's slices are not
+    # views of a wider tensor either: it builds them with torch.cat).
+    inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
     def step():
-      _, loss = gpt(idx[:, :-1], targets=idx[:, 1:])
+      _, loss = gpt(inputs, targets=targets)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()

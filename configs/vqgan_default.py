@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Logging, evaluation, checkpoints ---
   config.log_every_steps = 50
-  config.eval_every_steps = 1000
+  config.eval_every_steps = 1000      # val metrics + reconstruction grid (PNG + TensorBoard)
   config.num_eval_batches = 8          # 0: the whole val split
   config.eval_batch_size = 16
   config.checkpoint_every_steps = 1000

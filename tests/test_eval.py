@@ -117,6 +117,7 @@ def test_rfid_with_inception_weights_from_env(workdir, config, inception_npz, mo
 
   monkeypatch.setenv(eval_lib.INCEPTION_ENV, inception_npz)
   monkeypatch.setattr(eval_lib, "make_inception_feature_fn", fake_feature_fn)
+  monkeypatch.setattr(eval_lib, "_inception_feature_dim", lambda: 16)
   results = eval_lib.evaluate_stage1(config, workdir, batch_size=32, use_lpips=False,
                                      output_json=str(tmp_path / "r.json"))
   params = seen["variables"]["params"]

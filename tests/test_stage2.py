@@ -4,8 +4,8 @@ The frozen stage-1 models are created once per module by initialising a tiny VQG
 saving it with the stage-1 checkpoint functions (`checkpointing.save` +
 `stage1_metadata`): the same format `stage1_trainer.train_and_evaluate` writes, without
 compiling a stage-1 training step (which alone takes over a minute on a loaded 2-core CPU).
-A persistent compilation cache (module-scoped) lets the resumed run and the CLI
-subprocess reuse the compiled stage-2 steps.
+A persistent compilation cache (module-scoped) lets the resumed run reuse the compiled
+stage-2 steps.
 """
 
 import os
@@ -13,8 +13,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,6 @@ from vqgan_jax.stage2_trainer import VocabLayout
 
 N_CODES = 32      # tiny stage-1 codebook
 SEG_CODES = 16    # tiny conditioning-VQGAN codebook
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_stage1_config(segmentation=False):
@@ -53,8 +50,13 @@ def tiny_stage1_config(segmentation=False):
 def make_stage1_workdir(path, config, step=2):
   """A stage-1 workdir with an initialised (untrained) VQGAN at `step`."""
   model = vqgan.vqmodel_from_config(config.model)
-  x = jnp.zeros((1, 16, 16, config.model.in_channels), jnp.float32)
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  # Random parameters of the right shapes (no init compilation): N(0, 0.1) weights,
+  # unit norm scales, so that the codes the encoder picks vary across the image.
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: (np.ones(a.shape, a.dtype) if path[-1].key == "scale" else
+                       (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)),
+      checkpointing.abstract_vqgan_params(model, config.model.resolution))
   manager = checkpointing.make_manager(str(path), async_checkpointing=False)
   checkpointing.save(manager, step, params, {"step": jnp.asarray(step)},
                      checkpointing.stage1_metadata(config, step))
@@ -221,7 +223,7 @@ def test_paper_config_parameter_counts():
 
 
 def test_sequences_for_spatial_and_coord_conditioning(stage1_dir, seg_dir):
-  from vqgan_jax import data, stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
   config = tiny_stage2_config(stage1_dir, "spatial", **{"cond.cond_stage_workdir": seg_dir})
   config_lib.validate_transformer_config(config)
   first, cond = stage2_trainer.load_frozen_stages(config)
@@ -231,10 +233,9 @@ def test_sequences_for_spatial_and_coord_conditioning(stage1_dir, seg_dir):
   batch = next(data.make_train_iterator(config.data, batch_size=2, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   frozen = {"first": first.params, "cond": cond.params}
-  tokens = np.asarray(setup.sequence(frozen, batch, jax.random.PRNGKey(0), train=True))
-  seg_codes = stage2_trainer.encode(cond.model, cond.params,
-                                    stage1_trainer.model_inputs(batch, cond.config))
-  img_codes = stage2_trainer.encode(first.model, first.params, batch["image"])
+  sequence = jax.jit(setup.sequence, static_argnames="train")
+  tokens = np.asarray(sequence(frozen, batch, jax.random.PRNGKey(0), train=True))
+  img_codes, seg_codes = jax.jit(setup.tokenize)(frozen, batch)
   np.testing.assert_array_equal(tokens[:, :64], np.asarray(seg_codes).reshape(2, -1) + N_CODES)
   np.testing.assert_array_equal(tokens[:, 64:], np.asarray(img_codes).reshape(2, -1))
 
@@ -242,8 +243,8 @@ def test_sequences_for_spatial_and_coord_conditioning(stage1_dir, seg_dir):
   config = tiny_stage2_config(stage1_dir, "coord", crop_tokens=4, **{"cond.coord_grid": 5})
   setup = stage2_trainer.Stage2Setup(config, first)
   assert setup.prefix_len == 2 and setup.num_image_tokens == 16
-  tokens = np.asarray(setup.sequence({"first": first.params}, batch, jax.random.PRNGKey(3),
-                                     train=True))
+  tokens = np.asarray(jax.jit(setup.sequence, static_argnames="train")(
+      {"first": first.params}, batch, jax.random.PRNGKey(3), train=True))
   by, bx = tokens[:, 0] - N_CODES, tokens[:, 1] - N_CODES - 5
   for b in range(2):   # origin bins of a 4-wide window in 8 are the origins (5 bins, span 4)
     window = np.asarray(img_codes)[b, by[b]:by[b] + 4, bx[b]:bx[b] + 4]
@@ -356,20 +357,19 @@ def test_sampling_rejects_bad_class_label_before_sampling(class_run, tmp_path, m
 # ----- the sampling CLI ---------------------------------------------------------------------
 
 
-def test_sample_cli_writes_pngs(class_run, tmp_path, compilation_cache):
+def test_sample_cli_writes_pngs(class_run, tmp_path, capsys):
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   out = tmp_path / "samples"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run(
-      [sys.executable, "-m", "vqgan_jax.sample", f"--workdir={class_run[0]}", f"--output={out}",
-       "--classes=0,3", "--num_samples_per_class=2", "--num_samples=2", "--seed=1",
-       "--top_k=8", "--cfg_scale=1.5"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  flag_values = flags.FlagValues()
+  sample.define_flags(flag_values)
+  flag_values(["sample", f"--workdir={class_run[0]}", f"--output={out}", "--classes=0,3",
+               "--num_samples_per_class=2", "--num_samples=2", "--seed=1", "--top_k=8",
+               "--cfg_scale=1.5"])
+  sample.run_from_flags(flag_values)
   names = sorted(os.listdir(out))
   assert names == ["class_0000_astronaut.png", "class_0003_rocket.png", "sliding_window.png"]
-  assert str(out / "sliding_window.png") in result.stdout
+  assert str(out / "sliding_window.png") in capsys.readouterr().out
   with Image.open(out / "class_0000_astronaut.png") as im:
     assert im.size == (2 + 2 * (16 + 2), 2 + 16 + 2)       # two 16px samples in one row
   with Image.open(out / "sliding_window.png") as im:

@@ -57,6 +57,47 @@ def save(manager: ocp.CheckpointManager, step: int, model_params: Any, trainer_s
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+def guarded_save(manager, workdir: str, step: int, *args, **kwargs) -> bool:
+  """`save`, turning an I/O failure (e.g. a full disk) into an error that says what is safe.
+
+  Orbax writes into a temporary folder and renames it only when complete, so a failed
+  write never replaces the previous checkpoint.
+  """
+  try:
+    return save(manager, step, *args, **kwargs)
+  except OSError as e:
+    raise CheckpointWriteError(_write_failure(manager, workdir, step, e)) from e
+
+
+def guarded_wait(manager, workdir: str) -> None:
+  """Waits for async writes; a failure in the background is reported like guarded_save's."""
+  try:
+    manager.wait_until_finished()
+  except OSError as e:
+    raise CheckpointWriteError(_write_failure(manager, workdir, None, e)) from e
+
+
+def wait_quietly(manager) -> None:
+  """Waits for pending writes while another error is already on its way up."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("a pending checkpoint write failed too: %s", e)
+
+
+def _write_failure(manager, workdir, step, error) -> str:
+  finished = [s for s in manager.all_steps() if s != step]
+  kept = f"the previous checkpoint (step {max(finished)}) is intact" if finished else \
+      "no earlier checkpoint exists"
+  what = f"step {step}" if step is not None else "an asynchronous checkpoint"
+  return (f"writing {what} to {checkpoint_dir(workdir)} failed: {error}; {kept}. Free space "
+          "or fix the path and rerun the same command to resume.")
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the message says which one is still good."""
+
+
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
   restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
   return restored["metadata"]

@@ -343,39 +343,51 @@ def run_sampling(workdir: str, output_dir: str, config=None, step: Optional[int]
   return generate(loaded, output_dir, opts)
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
+def run_from_flags(f) -> Dict[str, str]:
+  """run_sampling with the options of parsed flags (see define_flags)."""
   classes = [int(c) for c in f.classes] if f.classes else None
-  run_sampling(f.workdir, f.output, config=f.config, step=f.step,
+  return run_sampling(f.workdir, f.output, config=f.config, step=f.step,
                first_stage_workdir=f.first_stage_workdir, seed=f.seed,
                temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                num_samples=f.num_samples, num_samples_per_class=f.num_samples_per_class,
                classes=classes, sliding_window_factor=f.sliding_window_factor)
 
 
-def define_flags():
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  run_from_flags(flags.FLAGS)
+
+
+def define_flags(flag_values=None):
+  """Defines the CLI flags on `flag_values` (default: absl's global FLAGS)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Stage-2 config (sampling defaults; its "
-                                  "model.attention must match the checkpoint).")
-  flags.DEFINE_string("workdir", None, "Stage-2 workdir (train_stage2.py --workdir).")
-  flags.DEFINE_string("output", None, "Folder for the PNG files.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = newest.")
+  fv = flag_values if flag_values is not None else flags.FLAGS
+  config_flags.DEFINE_config_file(
+      "config", None, "Stage-2 config (sampling defaults; its model.attention must match the "
+      "checkpoint).", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Stage-2 workdir (train_stage2.py --workdir).",
+                      flag_values=fv)
+  flags.DEFINE_string("output", None, "Folder for the PNG files.", flag_values=fv)
+  flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = newest.", flag_values=fv)
   flags.DEFINE_string("first_stage_workdir", None,
-                      "Stage-1 workdir if it moved since training (default: as recorded).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_float("temperature", None, "Softmax temperature; 0 = greedy.")
-  flags.DEFINE_integer("top_k", None, "Top-k filtering; 0 = off.")
-  flags.DEFINE_float("top_p", None, "Nucleus filtering; 0 = off.")
-  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = off.")
-  flags.DEFINE_integer("num_samples", None, "Samples (unconditional / spatial / coord).")
-  flags.DEFINE_integer("num_samples_per_class", None, "Samples per class.")
-  flags.DEFINE_list("classes", None, "Class labels to sample (default: all).")
+                      "Stage-1 workdir if it moved since training (default: as recorded).",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_float("temperature", None, "Softmax temperature; 0 = greedy.", flag_values=fv)
+  flags.DEFINE_integer("top_k", None, "Top-k filtering; 0 = off.", flag_values=fv)
+  flags.DEFINE_float("top_p", None, "Nucleus filtering; 0 = off.", flag_values=fv)
+  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = off.",
+                     flag_values=fv)
+  flags.DEFINE_integer("num_samples", None, "Samples (unconditional / spatial / coord).",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_samples_per_class", None, "Samples per class.", flag_values=fv)
+  flags.DEFINE_list("classes", None, "Class labels to sample (default: all).", flag_values=fv)
   flags.DEFINE_integer("sliding_window_factor", None,
-                       "Sliding-window canvas = this x the trained window per side.")
-  flags.mark_flags_as_required(["workdir", "output"])
+                       "Sliding-window canvas = this x the trained window per side.",
+                       flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "output"], flag_values=fv)
 
 
 if __name__ == "__main__":

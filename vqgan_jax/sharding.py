@@ -7,7 +7,21 @@ inside a layer). The batch is split over data x fsdp.
 Parameter placement comes from a rule table over parameter *paths* (regular expressions
 matched against "module/submodule/param" names) mapping each dimension to a mesh axis,
 followed by a generic FSDP rule: any remaining large array is sharded along its largest
-dimension that the fsdp axis divides.
+dimension that the fsdp axis divides. Because a rule is a regular expression searched in the
+path, optimiser states (whose paths end with the parameter's path, e.g.
+"trainer/opt_state/1/0/mu/blocks_0/attn/query/kernel") are placed like their parameters.
+
+Rule tables:
+  GPT_RULES    Megatron-style tensor parallelism of the stage-2 GPT (see below)
+  VQGAN_RULES  the stage-1 codebook split over `tensor` (the nearest-code search then
+               runs on one slice of the codes per tensor device, `sharded_nearest_code`)
+
+Explicit SPMD with `jax.shard_map`:
+  sharded_code_counts   per-code hit counts of a batch-sharded index array: local
+                        bincount, then one psum over the batch axes (stage-1 train step)
+  sharded_nearest_code  nearest codebook entry with the codebook split over one axis:
+                        local argmin per slice, then a cross-slice min (ties -> lowest
+                        index, exactly `jnp.argmin`'s answer)
 """
 
 import os
@@ -15,7 +29,9 @@ import re
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -23,6 +39,30 @@ BATCH_AXES = ("data", "fsdp")
 # Arrays smaller than this stay replicated under FSDP: sharding them saves little memory
 # and costs a collective each.
 FSDP_MIN_SIZE = 2 ** 14
+
+# Stage-2 GPT, Megatron style over the `tensor` axis (then generic FSDP on another dim):
+#  - column parallel: q/k/v and mlp/fc kernels split their OUTPUT dim (heads / hidden
+#    units), and so do their biases; attention and GELU then run on local heads/units;
+#  - row parallel: attn/proj and mlp/proj kernels split their INPUT dim, so each block
+#    needs one all-reduce after attention and one after the MLP;
+#  - vocab parallel: the token embedding and the head split the vocabulary.
+# Position embedding, LayerNorms and the row-parallel biases stay tensor-replicated.
+GPT_RULES = (
+    (r"attn/(query|key|value)/kernel$", (None, "tensor")),
+    (r"attn/(query|key|value)/bias$", ("tensor",)),
+    (r"attn/proj/kernel$", ("tensor", None)),
+    (r"mlp/fc/kernel$", (None, "tensor")),
+    (r"mlp/fc/bias$", ("tensor",)),
+    (r"mlp/proj/kernel$", ("tensor", None)),
+    (r"wte/embedding$", ("tensor", None)),
+    (r"head/kernel$", (None, "tensor")),
+)
+
+# Stage-1 VQGAN: convolutions get generic FSDP only; the codebook (n_embed, dim) is split
+# over `tensor` by codes.
+VQGAN_RULES = (
+    (r"quantize/embedding$", ("tensor", None)),
+)
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
@@ -141,3 +181,76 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
     shard_shape = sharding.shard_shape(tuple(leaf.shape))
     total += int(np.prod(shard_shape or (1,))) * np.dtype(leaf.dtype).itemsize
   return total
+
+
+def batch_devices(mesh) -> int:
+  """Number of batch shards (data x fsdp)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def _batch_spec(mesh, rows: int):
+  """Rows split over data x fsdp when they divide evenly; else replicated."""
+  return BATCH_AXES if rows % batch_devices(mesh) == 0 else None
+
+
+def sharded_code_counts(indices: jax.Array, n_embed: int, mesh: Optional[Mesh],
+                        weights: Optional[jax.Array] = None) -> jax.Array:
+  """Per-code hit counts (n_embed,) of `indices` (leading dim = batch), replicated.
+
+  With a batch split over more than one device, each device counts its own rows and one
+  psum over (data, fsdp) adds the counts up: one n_embed-sized all-reduce instead of
+  gathering every index. Equals `jnp.bincount(indices.ravel(), weights, length=n_embed)`:
+  exactly for the int32 counts; with float `weights` (same shape as indices) up to the
+  order of the float additions.
+  """
+  def count(idx, w):
+    flat_w = None if w is None else w.reshape(-1)
+    return jnp.bincount(idx.reshape(-1), flat_w, length=n_embed)
+
+  if (mesh is None or batch_devices(mesh) == 1
+      or _batch_spec(mesh, indices.shape[0]) is None):
+    return count(indices, weights)
+
+  def local(idx, *w):
+    return lax.psum(count(idx, w[0] if w else None), BATCH_AXES)
+
+  spec = P(BATCH_AXES)
+  args = (indices,) if weights is None else (indices, weights)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=P())(*args)
+
+
+def sharded_nearest_code(z: jax.Array, codebook: jax.Array, mesh: Optional[Mesh],
+                         axis: str = "tensor") -> jax.Array:
+  """Index (int32) of the nearest code for each row of z (N, D); codebook (K, D).
+
+  The codebook is split over mesh axis `axis` by codes (K / n per device) and the rows
+  of z over (data, fsdp) when N divides evenly. Each device computes the distances of its
+  rows to its slice of codes only, takes the local argmin and minimum, and then two pmin
+  over `axis` give the global answer: the smallest distance, and among the slices that
+  reach it the lowest code index -- exactly `jnp.argmin(squared_distances(z, codebook))`,
+  ties included (NaN distances count as smallest, as in jnp.argmin). Without a mesh, or
+  with `axis` of size 1, this is plain `quantizer.nearest_code`.
+
+  The index is not differentiable; inputs are stop-gradient'ed so that the function can
+  sit inside a differentiated forward pass.
+  """
+  from vqgan_jax.models import quantizer  # pylint: disable=g-import-not-at-top
+  z, codebook = lax.stop_gradient(z), lax.stop_gradient(codebook)
+  if mesh is None or mesh.shape[axis] == 1 or codebook.shape[0] % mesh.shape[axis]:
+    return quantizer.nearest_code(z, codebook)
+  rows = _batch_spec(mesh, z.shape[0])
+  if rows is not None and axis in rows:
+    rows = tuple(a for a in rows if a != axis) or None
+
+  def local(z_local, codes_local):
+    d = quantizer.squared_distances(z_local, codes_local)
+    d = jnp.where(jnp.isnan(d), -jnp.inf, d)  # jnp.argmin picks the first NaN
+    local_min = jnp.min(d, axis=-1)
+    local_idx = jnp.argmin(d, axis=-1).astype(jnp.int32)
+    global_idx = local_idx + lax.axis_index(axis).astype(jnp.int32) * codes_local.shape[0]
+    best = lax.pmin(local_min, axis)
+    candidate = jnp.where(local_min == best, global_idx, jnp.iinfo(jnp.int32).max)
+    return lax.pmin(candidate, axis)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(axis, None)),
+                       out_specs=P(rows))(z, codebook)

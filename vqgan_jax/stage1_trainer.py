@@ -75,6 +75,9 @@ class Stage1Setup:
     self.g_tx = self._optimizer(lr)
     self.d_tx = self._optimizer(lr)
     self.rng = jax.random.PRNGKey(config.seed)
+    # Set by Stage1Runner: with a batch split over several devices, code counts are
+    # per-device bincounts added by one psum (sharding.sharded_code_counts).
+    self.mesh = None
 
   def _optimizer(self, lr):
     tx = optax.adam(lr, b1=self.config.adam_b1, b2=self.config.adam_b2)
@@ -187,7 +190,7 @@ class Stage1Setup:
       d_params = optax.apply_updates(trainer.d_params, d_updates)
       finite_parts.append(optax.global_norm(d_grads))
 
-    counts = jnp.bincount(out["indices"].reshape(-1), length=self.config.model.n_embed)
+    counts = sharding.sharded_code_counts(out["indices"], self.config.model.n_embed, self.mesh)
     usage_ema = (self.config.model.dead_code_decay * trainer.code_usage_ema
                  + (1.0 - self.config.model.dead_code_decay) * counts.astype(jnp.float32))
     if self.config.model.restart_dead_codes:
@@ -285,8 +288,9 @@ class Stage1Runner:
     self.setup = Stage1Setup(config)
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    self.setup.mesh = self.mesh
     abstract = jax.eval_shape(self.setup.init_state, self.setup.rng)
-    self.state_shardings = sharding.tree_shardings(abstract, self.mesh)
+    self.state_shardings = sharding.tree_shardings(abstract, self.mesh, sharding.VQGAN_RULES)
     self.abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
@@ -399,7 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def save_checkpoint(step, state, force=False):
     meta = checkpointing.stage1_metadata(config, step)
-    checkpointing.save(manager, step, state.g_params, state.trainer, meta, train_iter, force=force)
+    checkpointing.guarded_save(manager, workdir, step, state.g_params, state.trainer, meta,
+                               train_iter, force=force)
 
   def run_eval(step, state):
     metrics, originals, recons = runner.evaluate(state.g_params, _eval_batches(
@@ -418,41 +423,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     last_eval = run_eval(0, state)
   step = start_step
   log_start = time.time()
-  with train_utils.PreemptionWatcher() as preemption:
-    while step < config.num_train_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = runner.train_step(state, batch, step)
-      step += 1
-      window.add(step, metrics)
-      at_log = step % config.log_every_steps == 0 or step == config.num_train_steps
-      if at_log:
-        steps, fetched, elapsed = window.fetch()
-        _handle_nonfinite(config, steps, fetched)
-        # Losses are written per step (fetched together once per window), so a run that
-        # was interrupted and resumed logs exactly what an uninterrupted run logs.
-        for s, m in zip(steps, fetched):
-          writer.write_scalars(s, train_utils.mean_scalars([m]))
-        for m in fetched:
-          code_counts += np.asarray(m["code_counts"], np.int64)
-        scalars = code_statistics(code_counts, prefix="train_")
-        code_counts[:] = 0
-        scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
-        scalars["learning_rate"] = learning_rate(config)
-        scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
-        writer.write_scalars(step, scalars)
-        eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
-        logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
-                     scalars["steps_per_sec"], train_utils.format_eta(eta))
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        last_eval = run_eval(step, state)
-      stop = train_utils.any_process_requested(preemption.requested)
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
-        _handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
-        save_checkpoint(step, state, force=stop)
-      if stop:
-        logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
-        break
-  manager.wait_until_finished()
+  try:
+    with train_utils.PreemptionWatcher() as preemption:
+      while step < config.num_train_steps:
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = runner.train_step(state, batch, step)
+        step += 1
+        window.add(step, metrics)
+        at_log = step % config.log_every_steps == 0 or step == config.num_train_steps
+        if at_log:
+          steps, fetched, elapsed = window.fetch()
+          _handle_nonfinite(config, steps, fetched)
+          # Losses are written per step (fetched together once per window), so a run that
+          # was interrupted and resumed logs exactly what an uninterrupted run logs.
+          for s, m in zip(steps, fetched):
+            writer.write_scalars(s, train_utils.mean_scalars([m]))
+          for m in fetched:
+            code_counts += np.asarray(m["code_counts"], np.int64)
+          scalars = code_statistics(code_counts, prefix="train_")
+          code_counts[:] = 0
+          scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
+          scalars["learning_rate"] = learning_rate(config)
+          scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
+          writer.write_scalars(step, scalars)
+          eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+          logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
+                       scalars["steps_per_sec"], train_utils.format_eta(eta))
+        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+          last_eval = run_eval(step, state)
+        stop = train_utils.any_process_requested(preemption.requested)
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
+          _handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
+          save_checkpoint(step, state, force=stop)
+        if stop:
+          logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
+          break
+  except BaseException:
+    # Let finished steps' checkpoints land before the error propagates.
+    checkpointing.wait_quietly(manager)
+    raise
+  checkpointing.guarded_wait(manager, workdir)
   writer.flush()
   logging.info("Finished at step %d in %.1fs", step, time.time() - log_start)
   return last_eval

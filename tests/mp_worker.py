@@ -1,0 +1,305 @@
+"""Subprocess worker for the sharding and multi-process tests (run by the tests, not pytest).
+
+  python tests/mp_worker.py meshes OUT.json TMPDIR
+      8 forced host devices (the caller sets XLA_FLAGS): one stage-1 train step and one
+      stage-2 GPT train step on several meshes against 1 device, the shardings the rules
+      give, the shard_map functions against their unsharded twins, and checkpoints moved
+      between an 8-device mesh and 1 device. Writes its results as JSON.
+  python tests/mp_worker.py train PROCESS_ID NUM_PROCESSES PORT WORKDIR STEPS OUT.json
+      one process of a multi-process stage-1 run (`train_and_evaluate`) on a global mesh.
+  python tests/mp_worker.py resume WORKDIR STEPS OUT.json
+      a single-process run that resumes WORKDIR (any earlier topology) up to STEPS.
+
+Device counts and the coordinator must be set before JAX starts, hence a process each.
+"""
+
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("VQGAN_TEST_COMPILE_CACHE",
+                                 os.path.join(REPO, ".pytest_cache", "jax_compile_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def mesh_config(shape):
+  return ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
+
+
+def stage1_config(batch_size=8):
+  """ch 32, ch_mult (1, 2), 16 px, 32 codes, no LPIPS: the tiny VQGAN of the brief."""
+  from configs import vqgan_default  # pylint: disable=g-import-not-at-top
+  config = vqgan_default.get_config()
+  m = config.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 32, (1, 2), 1, ()
+  m.resolution, m.z_channels, m.embed_dim, m.n_embed = 16, 32, 32, 32
+  config.data.image_size = 16
+  config.data.photos.photo_short_side = 64
+  config.data.photos.train_examples_per_epoch = 64
+  config.loss.perceptual_weight = 0.0
+  config.loss.disc_start = 10 ** 9
+  config.loss.disc_num_layers = 2
+  config.loss.disc_ndf = 8
+  config.batch_size = batch_size
+  config.learning_rate = 1e-3
+  config.num_train_steps = 2
+  config.log_every_steps = 1
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.num_eval_batches = 1
+  config.eval_batch_size = 8
+  config.async_checkpointing = False
+  return config
+
+
+def _rel_diff(a, b) -> float:
+  """max |a - b| / max(|b|, tiny) over all leaves of two pytrees of arrays."""
+  worst = 0.0
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(float(np.max(np.abs(y))) if y.size else 0.0, 1e-12)
+    worst = max(worst, float(np.max(np.abs(x - y))) / scale if x.size else 0.0)
+  return worst
+
+
+def _leaf(tree, path):
+  for key in path.split("/"):
+    tree = getattr(tree, key) if hasattr(tree, key) and not isinstance(tree, dict) else tree[key]
+  return tree
+
+
+def _spec(array) -> list:
+  return [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec]
+
+
+# ------------------------------------------------------------------------------- meshes
+
+STAGE1_MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+GPT_MESHES = ((8, 1, 1), (2, 2, 2), (1, 1, 8))
+STAGE1_LEAVES = ("g_params/decoder/mid_block_1/conv1/kernel",
+                 "g_params/quantize/embedding",
+                 "trainer/g_opt_state/0/mu/decoder/mid_block_1/conv1/kernel")
+GPT_LEAVES = ("params/blocks_0/attn/query/kernel", "params/blocks_0/attn/proj/kernel",
+              "params/blocks_0/mlp/fc/kernel", "params/blocks_0/mlp/proj/kernel",
+              "params/wte/embedding", "params/head/kernel", "params/wpe")
+
+
+def _named_specs(shardings, names):
+  flat = {sharding._path_name(p): s for p, s in  # pylint: disable=protected-access
+          jax.tree_util.tree_flatten_with_path(
+              shardings, is_leaf=lambda s: isinstance(s, jax.sharding.NamedSharding))[0]}
+  return {n: [list(a) if isinstance(a, tuple) else a for a in flat[n].spec] for n in names}
+
+
+def _named_leaves(tree):
+  return {sharding._path_name(p): x  # pylint: disable=protected-access
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_stage1(results):
+  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  config = stage1_config(batch_size=8)
+  devices = jax.devices()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)}
+
+  t0 = time.time()
+  single = stage1_trainer.Stage1Runner(config, sharding.make_mesh(mesh_config((1, 1, 1)),
+                                                                  devices[:1]))
+  host_state = jax.device_get(single.init_state())
+  ref_state, ref_metrics = single.train_step(
+      jax.device_put(host_state, single.state_shardings),
+      jax.device_put(batch, single.batch_sharding), 0)
+  ref_state, ref_metrics = jax.device_get((ref_state, ref_metrics))
+  results["stage1_compile_s"] = {"1,1,1": time.time() - t0}
+
+  out = results["stage1"] = {}
+  for shape in STAGE1_MESHES:
+    t0 = time.time()
+    runner = stage1_trainer.Stage1Runner(config, sharding.make_mesh(mesh_config(shape)))
+    state = jax.device_put(host_state, runner.state_shardings)
+    new_state, metrics = runner.train_step(state, sharding.global_batch(batch, runner.mesh), 0)
+    leaves = _named_leaves(new_state)
+    out[",".join(map(str, shape))] = {
+        "loss": float(metrics["total_loss"]),
+        "ref_loss": float(ref_metrics["total_loss"]),
+        "state_rel_diff": _rel_diff(jax.device_get(new_state), ref_state),
+        "code_counts_equal": bool(np.array_equal(np.asarray(metrics["code_counts"]),
+                                                 np.asarray(ref_metrics["code_counts"]))),
+        "specs": {n: _spec(leaves[n]) for n in STAGE1_LEAVES},
+        "rule_specs": _named_specs(runner.state_shardings, STAGE1_LEAVES),
+        "shard_shape": list(leaves[STAGE1_LEAVES[0]].addressable_shards[0].data.shape),
+    }
+    results["stage1_compile_s"][",".join(map(str, shape))] = time.time() - t0
+  return single, host_state
+
+
+def _tiny_frozen_stage1():
+  """An in-memory FrozenStage1 (initialised, untrained tiny VQGAN) for the GPT runner."""
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  config = stage1_config()
+  model = vqgan.vqmodel_from_config(config.model)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+  return checkpointing.FrozenStage1(model=model, params=jax.device_get(params), config=config,
+                                    metadata=checkpointing.stage1_metadata(config, 0), step=0)
+
+
+def gpt_config():
+  """2 layers, width 64, 4 heads, vocab 64, block 32; 4x4 token crops, start token."""
+  from configs import transformer_default  # pylint: disable=g-import-not-at-top
+  c = transformer_default.get_config()
+  c.first_stage.workdir = "/in-memory"
+  c.model.n_layer, c.model.n_head, c.model.n_embd = 2, 4, 64
+  c.model.vocab_size, c.model.block_size = 64, 32
+  c.cond.kind = "none"
+  c.crop_tokens = 4
+  c.data.image_size = 16
+  c.batch_size, c.learning_rate, c.pkeep = 8, 1e-3, 1.0
+  c.weight_decay = 0.01
+  return c
+
+
+def check_gpt(results):
+  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+  config = gpt_config()
+  first = _tiny_frozen_stage1()
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
+           "label": np.zeros((8,), np.int32)}
+  t0 = time.time()
+  single = stage2_trainer.Stage2Runner(
+      config, first, mesh=sharding.make_mesh(mesh_config((1, 1, 1)), jax.devices()[:1]))
+  host_state = jax.device_get(single.init_state())
+  ref_state, ref_metrics = jax.device_get(
+      single.train_step(jax.device_put(host_state, single.state_shardings), batch))
+  results["gpt_compile_s"] = {"1,1,1": time.time() - t0}
+  out = results["gpt"] = {}
+  for shape in GPT_MESHES:
+    t0 = time.time()
+    runner = stage2_trainer.Stage2Runner(config, first,
+                                         mesh=sharding.make_mesh(mesh_config(shape)))
+    abstract = jax.eval_shape(runner.setup.init_state, runner.setup.rng)
+    expected = sharding.tree_shardings(abstract, runner.mesh, sharding.GPT_RULES)
+    state = jax.device_put(host_state, runner.state_shardings)
+    new_state, metrics = runner.train_step(state, batch)
+    leaves = _named_leaves(new_state)
+    names = GPT_LEAVES + ("trainer/opt_state/" + _opt_suffix(leaves, "blocks_0/attn/query/kernel"),)
+    out[",".join(map(str, shape))] = {
+        "loss": float(metrics["loss"]),
+        "ref_loss": float(ref_metrics["loss"]),
+        "state_rel_diff": _rel_diff(jax.device_get(new_state), ref_state),
+        "specs": {n: _spec(leaves[n]) for n in names},
+        "runner_uses_gpt_rules": all(
+            a.spec == b.spec for a, b in zip(
+                jax.tree_util.tree_leaves(runner.state_shardings),
+                jax.tree_util.tree_leaves(expected))),
+    }
+    results["gpt_compile_s"][",".join(map(str, shape))] = time.time() - t0
+
+
+def _opt_suffix(leaves, param_path):
+  """The optimiser-state path (below trainer/opt_state/) of the first moment of a param."""
+  for name in leaves:
+    if name.startswith("trainer/opt_state/") and name.endswith("mu/" + param_path):
+      return name[len("trainer/opt_state/"):]
+  raise KeyError(param_path)
+
+
+def check_shard_map(results):
+  from vqgan_jax.models import quantizer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  z = rng.standard_normal((128, 16)).astype(np.float32)
+  codebook = rng.standard_normal((64, 16)).astype(np.float32)
+  codebook[50] = codebook[3]            # a tie across tensor slices: the lowest index wins
+  z[7] = codebook[3]
+  z[9] = 0.5 * (codebook[10] + codebook[60])  # near-equidistant between two slices
+  ref = np.asarray(jax.jit(quantizer.nearest_code)(z, codebook))
+  indices = rng.integers(0, 64, (16, 4, 4)).astype(np.int32)
+  ref_counts = np.bincount(indices.ravel(), minlength=64)
+  out = results["shard_map"] = {}
+  for shape in ((1, 1, 8), (2, 2, 2), (2, 1, 4), (8, 1, 1)):
+    mesh = sharding.make_mesh(mesh_config(shape))
+    nearest = jax.jit(lambda a, b, m=mesh: sharding.sharded_nearest_code(a, b, m))(z, codebook)
+    counts = jax.jit(lambda i, m=mesh: sharding.sharded_code_counts(i, 64, m))(indices)
+    lowered = jax.jit(lambda a, b, m=mesh: sharding.sharded_nearest_code(a, b, m)).lower(
+        z, codebook).as_text()
+    out[",".join(map(str, shape))] = {
+        "nearest_equal": bool(np.array_equal(np.asarray(nearest), ref)),
+        "tie_index": int(np.asarray(nearest)[7]),
+        "counts_equal": bool(np.array_equal(np.asarray(counts), ref_counts)),
+        "nearest_uses_shard_map": "shard_map" in lowered or "sdy.manual_computation" in lowered,
+    }
+
+
+def check_checkpoints(results, single, host_state, tmpdir):
+  """Stage-1 state saved from an 8-device mesh restores on 1 device, and vice versa."""
+  from vqgan_jax import checkpointing, stage1_trainer  # pylint: disable=g-import-not-at-top
+  config = stage1_config()
+  wide = stage1_trainer.Stage1Runner(config, sharding.make_mesh(mesh_config((2, 2, 2))))
+  out = results["checkpoints"] = {}
+  for name, source, target in (("8_to_1", wide, single), ("1_to_8", single, wide)):
+    workdir = os.path.join(tmpdir, name)
+    manager = checkpointing.make_manager(workdir, async_checkpointing=False)
+    state = jax.device_put(host_state, source.state_shardings)
+    checkpointing.save(manager, 1, state.g_params, state.trainer,
+                       checkpointing.stage1_metadata(config, 1))
+    manager.wait_until_finished()
+    restored = checkpointing.restore(
+        checkpointing.make_manager(workdir, read_only=True), 1,
+        target.abstract_state.g_params, target.abstract_state.trainer)
+    leaves = _named_leaves({"g_params": restored["model"], "trainer": restored["trainer"]})
+    probe = leaves["g_params/decoder/mid_block_1/conv1/kernel"]
+    out[name] = {
+        "equal": _rel_diff(jax.device_get((restored["model"], restored["trainer"])),
+                           (host_state.g_params, host_state.trainer)) == 0.0,
+        "num_devices": len(probe.sharding.device_set),
+        "spec": _spec(probe) if hasattr(probe.sharding, "spec") else None,
+    }
+  # The loader stage 2 uses (replicated or first device) reads the 8-device checkpoint too.
+  frozen = checkpointing.load_stage1(os.path.join(tmpdir, "8_to_1"))
+  out["load_stage1_equal"] = _rel_diff(jax.device_get(frozen.params), host_state.g_params) == 0.0
+
+
+def run_meshes(out_path, tmpdir):
+  assert jax.device_count() == 8, jax.devices()
+  results = {"device_count": jax.device_count()}
+  t0 = time.time()
+  check_shard_map(results)
+  single, host_state = check_stage1(results)
+  check_checkpoints(results, single, host_state, tmpdir)
+  check_gpt(results)
+  results["total_s"] = time.time() - t0
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+def main(argv):
+  mode = argv[1]
+  if mode == "meshes":
+    run_meshes(argv[2], argv[3])
+  else:
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
