@@ -26,7 +26,7 @@ def get_config():
   config.data.name = "photos"
   config.data.image_size = 32
   config.data.photos.photo_short_side = 128
-  config.batch_size = 32
+  config.batch_size = 16
   config.learning_rate = 1e-3
   config.warmup_steps = 20
   config.grad_clip_norm = 1.0

@@ -19,6 +19,9 @@ def get_config():
   m.in_channels = segments
   m.out_ch = segments
   m.n_embed = 64              # segmentation maps are simple: a small codebook suffices
+  m.ch_mult = (1, 1, 1)       # still f = 4, narrower than the image VQGAN
+  m.z_channels = 32
+  m.embed_dim = 32
   m.attn_resolutions = ()
   config.data.random_flip = True
   config.loss.perceptual_weight = 0.0

@@ -219,6 +219,35 @@ def test_paper_config_parameter_counts():
   assert (layout.vocab_size, prefix + n) == (16384 + 1000, 257)
 
 
+def test_weight_decay_only_on_dense_kernels():
+  gpt = transformer.GPT(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
+  params = jax.eval_shape(gpt.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  flat = {"/".join(str(k.key) for k in path): v for path, v in
+          jax.tree_util.tree_flatten_with_path(stage2_trainer.decay_mask(params["params"]))[0]}
+  decayed = sorted(k for k, v in flat.items() if v)
+  assert decayed == sorted(["head/kernel"] + [f"blocks_0/{m}/kernel" for m in (
+      "attn/key", "attn/query", "attn/value", "attn/proj", "mlp/fc", "mlp/proj")])
+  assert not flat["wte/embedding"] and not flat["wpe"] and not flat["ln_f/scale"]
+
+
+def test_coord_sliding_window_equals_plain_sampler_when_grid_is_window():
+  layout = VocabLayout.build("coord", 12, coord_grid=3)
+  gpt = transformer.GPT(vocab_size=layout.vocab_size, block_size=8, n_layer=1, n_head=2,
+                        n_embd=16)
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(gpt.init, jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), jnp.float32), shapes)
+  key = jax.random.PRNGKey(5)
+  grid = sample.sample_sliding_window_coord(params, gpt, layout, 2, 2, 2, 2, 3, key,
+                                            num_image_codes=12)
+  prefix = stage2_trainer.condition_tokens(layout, 3, origins=(jnp.zeros(3, jnp.int32),) * 2,
+                                           spans=(0, 0))
+  plain = sampling.sample(params, gpt, prefix, 4, key, num_image_codes=12)
+  np.testing.assert_array_equal(np.asarray(grid).reshape(3, 4), np.asarray(plain))
+  assert np.all(np.asarray(grid) < 12)
+
+
 # ----- sequences from real (tiny) frozen VQGANs ------------------------------------------
 
 

@@ -40,7 +40,6 @@ before anything is written.
 
 import functools
 import json
-import logging
 import math
 import os
 import sys
@@ -288,13 +287,13 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
   import jax  # pylint: disable=g-import-not-at-top
   from vqgan_jax import sharding, train_utils  # pylint: disable=g-import-not-at-top
   start = time.time()
+  sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   if config.get("stage", "vqgan") != "vqgan":
     raise EvalError(f"evaluate_stage1 needs a stage-1 config, got config.stage={config.stage!r}")
   step, meta = check_stage(config, workdir, step)
   checkpointing.check_same_model(meta["config"]["model"],
                                  checkpointing.config_to_dict(config)["model"], workdir,
                                  force=bool(config.get("force_resume", False)))
-  sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   batch_size = int(batch_size or config.eval_batch_size)
   _check_batch_size(batch_size, mesh)
@@ -536,7 +535,9 @@ def generated_image_metrics(fake_pool: np.ndarray, fake_logits: Optional[np.ndar
   else:
     out["fid"] = frechet_distance_from_features(fake_pool, real_pool)
   if fake_logits is not None:
-    splits = max(1, min(is_splits, fake_pool.shape[0]))
+    # Each split needs enough samples for its p(y) to mean something (the usual 10
+    # splits are of 5000 samples each); small sets are scored as one split.
+    splits = max(1, min(is_splits, fake_pool.shape[0] // 100))
     out["inception_score"], out["inception_score_std"] = metrics.inception_score(
         fake_logits, from_logits=True, splits=splits)
   else:
@@ -552,6 +553,84 @@ def generated_image_metrics(fake_pool: np.ndarray, fake_logits: Optional[np.ndar
     out["kid_skipped"] = "needs real features; reference statistics hold only mu/sigma"
     out["precision_recall_skipped"] = out["kid_skipped"]
   return out
+
+
+class Stage2Adapter:
+  """Gives a `stage2_trainer.Stage2Model` the interface `evaluate_stage2` uses.
+
+  Bits/token use the trainer's own sequence construction (condition prefix, the fixed
+  pseudo-random eval crop of `crop_tokens` models, keys as in Stage2Runner.evaluate), so
+  the number matches the trainer's val_bits_per_token on the same batches. Samples are
+  drawn with `sample.draw_tokens` (the checkpoint's `sampling` options: temperature,
+  top-k/p, guidance) for unconditional and class-conditional models (labels cycled over
+  the classes); spatial and coordinate conditioning have no generated-image metrics yet.
+  """
+
+  def __init__(self, loaded, mesh):
+    from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+    self.loaded = loaded
+    self.step = int(loaded.step)
+    self.mesh = mesh
+    self._s2 = stage2_trainer
+    self._setup = None
+    self._logits_fn = None
+    self._calls = 0
+
+  def _prepare(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+    if self._setup is not None:
+      return
+    loaded = self.loaded
+    setup = self._s2.Stage2Setup(loaded.config, loaded.first_stage, loaded.cond_stage,
+                                 num_classes=loaded.layout.num_classes)
+    repl = sharding.replicated(self.mesh)
+    self._frozen = {"first": jax.device_put(loaded.first_stage.params, repl)}
+    if loaded.cond_stage is not None:
+      self._frozen["cond"] = jax.device_put(loaded.cond_stage.params, repl)
+    self._params = jax.device_put(loaded.params, repl)
+
+    def logits_fn(params, batch, frozen, key):
+      tokens = setup.sequence(frozen, batch, key, train=False)
+      logits = setup.gpt.apply({"params": params}, tokens[:, :-1], train=False)
+      weights = setup.loss_mask[None, :] & batch["mask"].astype(bool)[:, None]
+      return logits, tokens[:, 1:], weights.astype(jnp.float32)
+
+    self._setup = setup
+    self._logits_fn = jax.jit(logits_fn)
+    self._base_key = jax.random.PRNGKey(loaded.config.seed + 1)
+
+  def eval_token_batches(self, batch_size: int):
+    """Global val batches with the keys the GPT's sequence needs, and 'mask'."""
+    self._prepare()
+    keys = self._setup.batch_keys() + ("mask",)
+    for batch in _eval_batches(self.loaded.config.data, self.mesh, batch_size):
+      yield {k: batch[k] for k in keys}
+
+  def token_logits(self, batch):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._prepare()
+    key = jax.random.fold_in(self._base_key, self._calls)
+    self._calls += 1
+    return self._logits_fn(self._params, batch, self._frozen, key)
+
+  def generate_images(self, rng, num_samples: int, batch_size: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
+    loaded, layout = self.loaded, self.loaded.layout
+    if layout.kind not in ("none", "class"):
+      raise NotImplementedError(f"generated-image metrics for {layout.kind!r} conditioning")
+    opts = sample.SamplingOptions.from_config(loaded.config.get("sampling", {}),
+                                              batch_size=batch_size)
+    for n, start in enumerate(range(0, num_samples, batch_size)):
+      count = min(batch_size, num_samples - start)
+      labels = None
+      if layout.kind == "class":
+        labels = (np.arange(start, start + count) % layout.num_classes).astype(np.int32)
+      prefix = np.asarray(self._s2.condition_tokens(layout, count, labels=labels))
+      tokens = sample.draw_tokens(loaded, prefix, jax.random.fold_in(rng, n), opts)
+      yield sample.decode(loaded.first_stage, tokens)
 
 
 def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
@@ -586,6 +665,9 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
   ref_stats = _load_reference_stats(reference_stats)
 
   model = load_stage2(workdir, step=step)
+  if not hasattr(model, "token_logits") and hasattr(model, "layout") and \
+      hasattr(model, "first_stage"):
+    model = Stage2Adapter(model, mesh)  # a stage2_trainer.Stage2Model
   step = int(getattr(model, "step", step if step is not None else -1))
   results: Dict[str, Any] = {"stage": "transformer", "step": step,
                              "workdir": os.path.abspath(workdir)}
@@ -598,7 +680,14 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
   if num_samples > 0 and hasattr(model, "generate_images"):
     rng = jax.random.PRNGKey(seed)
     batches = model.generate_images(rng, num_samples, batch_size)
-    if feature_fn is None:
+    try:
+      batches = _peek(batches)
+    except NotImplementedError as e:
+      results["samples_skipped"] = f"not supported: {e}"
+      batches = None
+    if batches is None:
+      pass
+    elif feature_fn is None:
       results["fid_skipped"] = FID_SKIPPED_NO_WEIGHTS
       for images in batches:  # still draw a few for the sample grid
         samples.append(gather(images))
@@ -639,8 +728,21 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
   return results
 
 
+def _peek(iterable):
+  """Starts a generator (so errors raised before its first item surface here)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  iterator = iter(iterable)
+  try:
+    first = next(iterator)
+  except StopIteration:
+    return iter(())
+  return itertools.chain([first], iterator)
+
+
 def evaluate(config, workdir: str, **kwargs) -> Dict[str, Any]:
   """Checks config vs checkpoint stage, then runs the stage's evaluation."""
+  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   check_stage(config, workdir, kwargs.get("step"))
   if config.stage == "vqgan":
     kwargs.pop("num_samples", None)
@@ -705,6 +807,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  logging.getLogger().setLevel(logging.INFO)
   _define_flags()
   app.run(main)

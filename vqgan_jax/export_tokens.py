@@ -40,6 +40,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+# The exporter reuses data.py's private loaders and crop helpers so its base views are
+# exactly the pixels the evaluation pipeline produces.
+# pylint: disable=protected-access
+from vqgan_jax import data
 from vqgan_jax import tokens as tokens_lib
 
 HEADER_FIELDS = ("label", "source_index", "crop_index", "flipped", "crop_y", "crop_x")
@@ -69,18 +73,15 @@ class _SplitReader:
     return self.data_config.name == "photos"
 
   def _photos(self):
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
     return data.photo_layout(self.data_config)
 
   def _folder_entries(self):
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
-    scan = data._scan_folder(self.data_config.folder)  # pylint: disable=protected-access
+    scan = data._scan_folder(self.data_config.folder)
     return scan.train if self.split == "train" else scan.val
 
   def _tfds(self):
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
     tc = self.data_config.tfds
-    return data._tfds_source(tc, tc.train_split if self.split == "train" else tc.val_split)  # pylint: disable=protected-access
+    return data._tfds_source(tc, tc.train_split if self.split == "train" else tc.val_split)
 
   def num_base_windows(self):
     """Per source, how many deterministic windows it has (a list)."""
@@ -94,14 +95,12 @@ class _SplitReader:
     raise ExportError(f"data.name={name!r}: must be photos, folder or tfds")
 
   def _base_photo_windows(self, photo):
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
     if self.split == "validation":
       return photo.val_windows
-    return data._grid_windows(photo.train_box, self.size)  # pylint: disable=protected-access
+    return data._grid_windows(photo.train_box, self.size)
 
   def load(self, source_index: int):
     """(uint8 image (H, W, 3), segmentation (H, W) or None, label, region, base windows)."""
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
     size, name = self.size, self.data_config.name
     if name == "photos":
       photo = self._photos()[source_index]
@@ -110,14 +109,14 @@ class _SplitReader:
       return photo.image, photo.segmentation, source_index, region, windows
     if name == "folder":
       path, label = self._folder_entries()[source_index]
-      image = data._resize_short_side(data.decode_image(path, size), size)  # pylint: disable=protected-access
+      image = data._resize_short_side(data.decode_image(path, size), size)
     else:
       tc = self.data_config.tfds
       example = self._tfds()[source_index]
-      image = data._resize_short_side(data.to_rgb_uint8(example[tc.image_key]), size)  # pylint: disable=protected-access
-      label = data._tfds_label(example, tc.label_key)  # pylint: disable=protected-access
+      image = data._resize_short_side(data.to_rgb_uint8(example[tc.image_key]), size)
+      label = data._tfds_label(example, tc.label_key)
     h, w = image.shape[:2]
-    center = data._center_window(h, w, size)  # pylint: disable=protected-access
+    center = data._center_window(h, w, size)
     return image, None, label, (0, 0, h, w), [center]
 
 
@@ -140,17 +139,16 @@ class _MakeExample:
     if crop_index < len(windows):
       y, x = windows[crop_index]
     else:
-      from vqgan_jax import data  # pylint: disable=g-import-not-at-top
       rng = np.random.default_rng([self.seed, source_index, crop_index])
       ry, rx, rh, rw = region
-      dy, dx = data._random_window(rh, rw, size, rng)  # pylint: disable=protected-access
+      dy, dx = data._random_window(rh, rw, size, rng)
       y, x = ry + dy, rx + dx
     crop = image[y:y + size, x:x + size]
     seg_crop = seg[y:y + size, x:x + size] if seg is not None else None
     if flipped:
       crop = crop[:, ::-1]
       seg_crop = seg_crop[:, ::-1] if seg_crop is not None else None
-    example = {"image": crop.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+    example = {"image": data._to_float(np.ascontiguousarray(crop)),
                "mask": np.bool_(True)}
     if self.reader.has_segmentation:
       example["segmentation"] = np.ascontiguousarray(seg_crop).astype(np.int32)
@@ -248,9 +246,10 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
   """Encodes `split` of config.data with the VQGAN of `workdir`; returns the metadata."""
   import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import checkpointing, data, sharding  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
 
   start_time = time.time()
+  sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   if split not in tokens_lib.SPLITS:
     raise ExportError(f"--split must be one of {tokens_lib.SPLITS}, got {split!r}")
   if num_crops < 0:
@@ -261,7 +260,6 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
   batch_size = int(batch_size or config.get("eval_batch_size", 16))
   final_dir = check_output(output, split, overwrite)
 
-  sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % devices or batch_size % jax.process_count():
@@ -448,13 +446,18 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  meta = export_tokens(
-      f.config, f.workdir, f.output, split=f.split, overwrite=f.overwrite,
-      flip_copies=f.flip_copies, num_crops=f.num_crops,
-      seed=None if f.seed < 0 else f.seed, step=None if f.step < 0 else f.step,
-      cond_workdir=f.cond_workdir, cond_step=None if f.cond_step < 0 else f.cond_step,
-      batch_size=f.batch_size or None)
+  try:
+    meta = export_tokens(
+        f.config, f.workdir, f.output, split=f.split, overwrite=f.overwrite,
+        flip_copies=f.flip_copies, num_crops=f.num_crops,
+        seed=None if f.seed < 0 else f.seed, step=None if f.step < 0 else f.step,
+        cond_workdir=f.cond_workdir, cond_step=None if f.cond_step < 0 else f.cond_step,
+        batch_size=f.batch_size or None)
+  except (ExportError, checkpointing.CheckpointError, tokens_lib.TokenFormatError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"wrote {meta['num_records']} {meta['split']} records "
         f"({meta['grid_shape'][0]}x{meta['grid_shape'][1]} tokens, codebook "
         f"{meta['codebook_size']}) to {os.path.join(f.output, meta['split'])}")

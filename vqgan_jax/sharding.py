@@ -254,3 +254,16 @@ def sharded_nearest_code(z: jax.Array, codebook: jax.Array, mesh: Optional[Mesh]
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, None), P(axis, None)),
                        out_specs=P(rows))(z, codebook)
+
+
+def data_state_restorable(manager, step: int) -> bool:
+  """Whether checkpoint `step` holds a data-iterator state for this process topology.
+
+  Grain saves one state per process (data/process_{i}-of-{n}.json). Arrays restore onto
+  any mesh, but after a change in the number of processes there is no state for this
+  process: the trainer then starts a fresh (reseeded) data stream instead of failing.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(manager.directory) / str(step) / "data"
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return (folder / name).exists()

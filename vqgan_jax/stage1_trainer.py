@@ -388,8 +388,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     checkpointing.check_same_model(saved["config"]["model"],
                                    checkpointing.config_to_dict(config)["model"], workdir,
                                    force=config.get("force_resume", False))
+    same_topology = sharding.data_state_restorable(manager, start_step)
+    if not same_topology:
+      # Arrays reshard onto any mesh, but each process's data position does not carry
+      # over to another process count: start a fresh stream, reseeded by the step.
+      logging.warning("%s step %d was written by a different number of processes; arrays "
+                      "are resharded and the data stream restarts", workdir, start_step)
+      train_iter = data.make_train_iterator(
+          config.data, batch_size=config.batch_size // jax.process_count(),
+          seed=config.seed + start_step, process_index=jax.process_index(),
+          process_count=jax.process_count())
     restored = checkpointing.restore(manager, start_step, runner.abstract_state.g_params,
-                                     runner.abstract_state.trainer, train_iter)
+                                     runner.abstract_state.trainer,
+                                     train_iter if same_topology else None)
     state = Stage1State(g_params=restored["model"], trainer=restored["trainer"])
     logging.info("Resumed %s from step %d", workdir, start_step)
   else:
@@ -463,6 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     checkpointing.wait_quietly(manager)
     raise
   checkpointing.guarded_wait(manager, workdir)
+  if not last_eval:  # e.g. resumed a finished run: still report where it stands
+    last_eval = run_eval(step, state)
   writer.flush()
   logging.info("Finished at step %d in %.1fs", step, time.time() - log_start)
   return last_eval

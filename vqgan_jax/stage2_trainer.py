@@ -334,6 +334,14 @@ def _check_expectation(stated, actual, key: str, what: str, workdir: str, step: 
         "another workdir")
 
 
+def _default_input(frozen):
+  """Stage-1 checkpoints written before `data.input` existed encode RGB images."""
+  if "input" not in frozen.config.data:
+    with frozen.config.unlocked():
+      frozen.config.data.input = "image"
+  return frozen
+
+
 def load_frozen_stages(config, mesh=None, first_step: Optional[int] = None,
                        cond_step: Optional[int] = None):
   """Loads and validates the frozen VQGAN(s) named by the config (nothing is compiled).
@@ -344,13 +352,14 @@ def load_frozen_stages(config, mesh=None, first_step: Optional[int] = None,
   repl = sharding.replicated(mesh) if mesh is not None else None
   fs = config.first_stage
   step = fs.step if first_step is None else first_step
-  first = checkpointing.load_stage1(fs.workdir, None if step < 0 else step, sharding=repl)
+  first = _default_input(
+      checkpointing.load_stage1(fs.workdir, None if step < 0 else step, sharding=repl))
   _check_expectation(fs.n_embed, first.n_embed, "first_stage.n_embed", "stage-1",
                      fs.workdir, first.step)
   _check_expectation(tuple(fs.latent_grid) if min(fs.latent_grid) > 0 else None,
                      tuple(first.metadata["latent_grid"]), "first_stage.latent_grid",
                      "stage-1", fs.workdir, first.step)
-  if first.config.data.get("input", "image") != "image":
+  if first.config.data.input != "image":
     raise config_lib.ConfigError(
         f"the stage-1 model in {fs.workdir} encodes {first.config.data.input!r} inputs, not "
         "RGB images; config.first_stage.workdir must be an image VQGAN")
@@ -359,17 +368,17 @@ def load_frozen_stages(config, mesh=None, first_step: Optional[int] = None,
   if config.cond.kind == "spatial":
     c = config.cond
     step = c.cond_stage_step if cond_step is None else cond_step
-    cond = checkpointing.load_stage1(c.cond_stage_workdir, None if step < 0 else step,
-                                     sharding=repl)
+    cond = _default_input(checkpointing.load_stage1(
+        c.cond_stage_workdir, None if step < 0 else step, sharding=repl))
     _check_expectation(c.n_embed, cond.n_embed, "cond.n_embed", "conditioning VQGAN",
                        c.cond_stage_workdir, cond.step)
     _check_expectation(tuple(c.latent_grid) if min(c.latent_grid) > 0 else None,
                        tuple(cond.metadata["latent_grid"]), "cond.latent_grid",
                        "conditioning VQGAN", c.cond_stage_workdir, cond.step)
-    if cond.config.data.get("input", "image") != "segmentation":
+    if cond.config.data.input != "segmentation":
       raise config_lib.ConfigError(
           f"the conditioning VQGAN in {c.cond_stage_workdir} was trained on "
-          f"data.input={cond.config.data.get('input', 'image')!r}; spatial conditioning needs "
+          f"data.input={cond.config.data.input!r}; spatial conditioning needs "
           "one trained with data.input='segmentation'")
     segments = int(config.data.photos.num_segments)
     if cond.config.model.in_channels != segments:
@@ -754,7 +763,8 @@ def load_stage2(workdir: str, step: Optional[int] = None, attention: Optional[st
   config = checkpointing.config_from_dict(metadata["config"])
   layout = VocabLayout.from_dict(metadata["vocab"])
   fs = metadata["first_stage"]
-  first = checkpointing.load_stage1(first_stage_workdir or fs["workdir"], fs["step"])
+  first = _default_input(
+      checkpointing.load_stage1(first_stage_workdir or fs["workdir"], fs["step"]))
   if first.n_embed != fs["n_embed"]:
     raise checkpointing.CheckpointError(
         f"{workdir} was trained on a stage-1 model with {fs['n_embed']} codes but "
@@ -762,7 +772,8 @@ def load_stage2(workdir: str, step: Optional[int] = None, attention: Optional[st
   cond = None
   if metadata.get("cond_stage"):
     cs = metadata["cond_stage"]
-    cond = checkpointing.load_stage1(cond_stage_workdir or cs["workdir"], cs["step"])
+    cond = _default_input(
+        checkpointing.load_stage1(cond_stage_workdir or cs["workdir"], cs["step"]))
   seq = metadata["sequence"]
   model_config = ml_collections.ConfigDict(config.to_dict())
   model_config.model.vocab_size = seq["vocab_size"]

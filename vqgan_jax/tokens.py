@@ -473,8 +473,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  paths = decode_command(args.tokens, args.output, workdir=args.workdir, split=args.split,
-                         step=args.step, limit=args.limit, batch_size=args.batch_size)
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    paths = decode_command(args.tokens, args.output, workdir=args.workdir, split=args.split,
+                           step=args.step, limit=args.limit, batch_size=args.batch_size)
+  except (TokenFormatError, checkpointing.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {len(paths)} PNG files to {args.output}")
   return 0
 
