@@ -21,6 +21,7 @@ def get_config():
   m.l2_normalize = True
   config.data.name = "photos"
   config.data.image_size = 32
+  config.data.photos.photo_short_side = 128  # a 32x32 crop shows a quarter of a photo's height
   config.data.random_flip = True
   config.loss.disc_start = 400
   config.loss.disc_ndf = 32

@@ -343,10 +343,88 @@ def run_meshes(out_path, tmpdir):
     json.dump(results, f, indent=1)
 
 
+# ------------------------------------------------------------------------ multi-process
+
+def _checkpoint_summary(workdir, step):
+  """Step counter and a parameter checksum of a stage-1 checkpoint, read on this process."""
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  frozen = checkpointing.load_stage1(workdir, step=step)
+  leaves = jax.tree_util.tree_leaves(jax.device_get(frozen.params))
+  return {"step": frozen.step, "param_sum": float(sum(np.sum(np.abs(x)) for x in leaves)),
+          "finite": bool(all(np.all(np.isfinite(x)) for x in leaves))}
+
+
+def run_train(process_id, num_processes, port, workdir, steps, out_path):
+  """One process of a 2-process run: stage 1 on a (1, 4, 1) mesh (parameters and optimiser
+  state FSDP-sharded across both processes), then stage 2 on the result on (1, 2, 2)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+  from vqgan_jax import stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
+  results = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+             "device_count": jax.device_count(),
+             "local_device_count": jax.local_device_count()}
+  t0 = time.time()
+  config = stage1_config(batch_size=8)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  config.num_train_steps = steps
+  metrics = stage1_trainer.train_and_evaluate(config, os.path.join(workdir, "stage1"))
+  results["stage1_metrics"] = {k: float(v) for k, v in metrics.items()}
+  results["stage1_s"] = time.time() - t0
+  if os.environ.get("MP_WORKER_STAGE2", "1") == "1":
+    t0 = time.time()
+    c2 = gpt_config()
+    c2.first_stage.workdir = os.path.join(workdir, "stage1")
+    c2.mesh.data, c2.mesh.fsdp, c2.mesh.tensor = 1, 2, 2
+    c2.num_train_steps = 2
+    c2.log_every_steps = 1
+    c2.eval_every_steps = c2.checkpoint_every_steps = 2
+    c2.num_eval_batches, c2.eval_batch_size = 1, 8
+    c2.unigram_batches = 0
+    c2.async_checkpointing = False
+    c2.data.photos.photo_short_side = 64
+    c2.data.photos.train_examples_per_epoch = 64
+    metrics2 = stage2_trainer.train_and_evaluate(c2, os.path.join(workdir, "stage2"))
+    results["stage2_metrics"] = {k: float(v) for k, v in metrics2.items()}
+    results["stage2_s"] = time.time() - t0
+  results["checkpoint"] = _checkpoint_summary(os.path.join(workdir, "stage1"), steps)
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+def run_resume(workdir, steps, out_path):
+  """A single process (its local devices only) resumes a stage-1 workdir up to `steps`."""
+  from vqgan_jax import checkpointing, stage1_trainer  # pylint: disable=g-import-not-at-top
+  stage1 = os.path.join(workdir, "stage1")
+  before = checkpointing.latest_step(stage1)
+  manager = checkpointing.make_manager(stage1, read_only=True)
+  results = {"process_count": jax.process_count(), "device_count": jax.device_count(),
+             "resumed_from": before,
+             "data_state_restorable": sharding.data_state_restorable(manager, before),
+             "before": _checkpoint_summary(stage1, before)}
+  config = stage1_config(batch_size=8)
+  config.num_train_steps = steps  # mesh data=-1: all local devices
+  t0 = time.time()
+  metrics = stage1_trainer.train_and_evaluate(config, stage1)
+  results["metrics"] = {k: float(v) for k, v in metrics.items()}
+  results["resume_s"] = time.time() - t0
+  results["after"] = _checkpoint_summary(stage1, steps)
+  runner = stage1_trainer.Stage1Runner(config)
+  restored = checkpointing.restore(checkpointing.make_manager(stage1, read_only=True), steps,
+                                   runner.abstract_state.g_params,
+                                   runner.abstract_state.trainer)
+  results["trainer_step"] = int(restored["trainer"].step)
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
 def main(argv):
   mode = argv[1]
   if mode == "meshes":
     run_meshes(argv[2], argv[3])
+  elif mode == "train":
+    run_train(int(argv[2]), int(argv[3]), int(argv[4]), argv[5], int(argv[6]), argv[7])
+  elif mode == "resume":
+    run_resume(argv[2], int(argv[3]), argv[4])
   else:
     raise SystemExit(f"unknown mode {mode!r}")
 

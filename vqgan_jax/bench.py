@@ -307,11 +307,11 @@ def _init_gpt(gpt):
   return jax.jit(gpt.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 
 
-def _sample_time(fn, compiled_args, repeats: int):
-  """(compile seconds, median run seconds) of a jitted sampler."""
+def _sample_time(fn, compiled_args, repeats: int, warmup: int = 1):
+  """(compile seconds, median run seconds, all run seconds) of a jitted sampler."""
   compiled, compile_s = compile_timed(fn, **compiled_args)
   dynamic = {k: v for k, v in compiled_args.items() if k not in ("model", "num_tokens")}
-  times = time_calls(lambda: compiled(**dynamic).block_until_ready(), repeats, 0)
+  times = time_calls(lambda: compiled(**dynamic).block_until_ready(), repeats, warmup)
   return compile_s, statistics.median(times), times
 
 
@@ -327,7 +327,8 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
   prefix = jnp.zeros((batch, 1), jnp.int32)
   c_compile, c_time, c_all = _sample_time(
       sampling.sample, dict(params=params, model=gpt, prefix_tokens=prefix, num_tokens=length,
-                            key=key), repeats=2 if length > 512 else 3)
+                            key=key), repeats=2 if length > 512 else 3,
+      warmup=0 if length > 512 else 1)
   k = min(FLAGS.naive_steps, length)
   naive_prefix = jnp.zeros((batch, length - k + 1), jnp.int32)
   n_compile, n_time, _ = _sample_time(
@@ -403,8 +404,9 @@ def long_sampling(length: int, batch: int, per_token: Dict[str, Any]) -> Dict[st
       params = _init_gpt(gpt)
       compile_s, run_s, _ = _sample_time(
           sampling.sample, dict(params=params, model=gpt, prefix_tokens=prefix,
-                                num_tokens=length, key=key), repeats=1)
-      out[name] = {"s": run_s, "compile_s": compile_s, "measured": "one full run"}
+                                num_tokens=length, key=key), repeats=1, warmup=0)
+      out[name] = {"s": run_s, "compile_s": compile_s,
+                   "measured": "one full run (no warm-up run)"}
     else:
       est = per_token[kind][str(length)]["s_per_token"] * length
       out[name] = {"s": est, "measured": "per-token time at the last position x length"}
@@ -414,7 +416,7 @@ def long_sampling(length: int, batch: int, per_token: Dict[str, Any]) -> Dict[st
   _, n_time, _ = _sample_time(
       sampling.sample_naive, dict(params=params, model=gpt,
                                   prefix_tokens=jnp.zeros((batch, length - k + 1), jnp.int32),
-                                  num_tokens=k, key=key), repeats=1)
+                                  num_tokens=k, key=key), repeats=2)
   out["softmax_no_cache"] = {"s": n_time / k * length,
                              "measured": f"estimated from {k} full-buffer forward steps"}
   out["linear_speedup_vs_softmax_cache"] = out["softmax_cache"]["s"] / out["linear_recurrent"]["s"]

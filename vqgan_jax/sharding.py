@@ -172,6 +172,18 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole value of a (global) array as numpy on every process.
+
+  With several processes a batch-sharded array is not addressable from one process, so
+  this is a collective then (every process must call it, in the same order).
+  """
+  if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
   """Largest per-device footprint (bytes) of a pytree under the given shardings."""
   leaves = jax.tree_util.tree_leaves(abstract_tree)

@@ -324,9 +324,9 @@ class Stage1Runner:
       sums = jax.device_get(sums)
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
       counts = batch_counts if counts is None else counts + batch_counts
-      if sum(len(a) for a in shown[0]) < keep_images and jax.process_count() == 1:
-        shown[0].append(np.asarray(model_inputs(batch, self.config)))
-        shown[1].append(np.asarray(x_rec))
+      if sum(len(a) for a in shown[0]) < keep_images:  # same answer on every process
+        shown[0].append(sharding.host_array(model_inputs(batch, self.config)))
+        shown[1].append(sharding.host_array(x_rec))
     if totals is None:
       raise ValueError("the val split is empty: nothing to evaluate")
     n = max(float(totals.pop("count")), 1.0)
