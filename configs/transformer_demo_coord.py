@@ -18,7 +18,7 @@ def get_config():
   config.crop_tokens = 8
   config.cond.coord_grid = 9           # one bin per origin 0..8 of an 8x8 window in 16x16
   config.data.image_size = 64
-  config.batch_size = 16               # 4x the pixels per example of the other demos
+  config.batch_size = 8                # 4x the pixels per example of the other demos
   config.eval_batch_size = 16
   config.sampling.sliding_window_factor = 2   # 16x16 tokens = the full 64x64 crop
   return config

@@ -140,12 +140,16 @@ def _path_name(path) -> str:
 
 def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh,
              rules: Sequence[Tuple[str, Tuple[Optional[str], ...]]] = ()) -> P:
-  """PartitionSpec of one array: the first matching rule, then generic FSDP."""
+  """PartitionSpec of one array: the first matching rule, then generic FSDP.
+
+  A rule's axis is used where it divides the dimension and has more than one device (a
+  size-1 axis splits nothing, and leaving the dimension free lets FSDP pick it).
+  """
   spec = [None] * len(shape)
   for pattern, axes in rules:
     if re.search(pattern, name) and len(axes) == len(shape):
       for dim, axis in enumerate(axes):
-        if axis is not None and shape[dim] % mesh.shape[axis] == 0:
+        if axis is not None and mesh.shape[axis] > 1 and shape[dim] % mesh.shape[axis] == 0:
           spec[dim] = axis
       break
   fsdp = mesh.shape["fsdp"]
