@@ -17,4 +17,5 @@ def get_config():
   config.cond.kind = "spatial"
   config.cond.cfg_dropout = 0.0
   config.cond.cond_stage_workdir = "runs/demo/vqgan_seg"
+  config.batch_size = 8                # sequences are twice as long as transformer_demo's
   return config

@@ -11,8 +11,12 @@
       a single-process run that resumes WORKDIR (any earlier topology) up to STEPS.
 
 Device counts and the coordinator must be set before JAX starts, hence a process each.
+Test modules import this file only for `run_workers` (launch with a deadline, kill the
+process groups on timeout), `failure_report` and the tiny configs; JAX settings are made
+in `main`, so importing it changes nothing in the pytest process.
 """
 
+import functools
 import json
 import os
 import signal
@@ -370,11 +374,34 @@ def check_shard_map(results):
     lowered = jax.jit(lambda a, b, m=mesh: sharding.sharded_nearest_code(a, b, m)).lower(
         z, codebook).as_text()
     out[",".join(map(str, shape))] = {
+        "quantizer_hook_equal": _quantizer_with_sharded_lookup_equal(mesh),
         "nearest_equal": bool(np.array_equal(np.asarray(nearest), ref)),
         "tie_index": int(np.asarray(nearest)[7]),
         "counts_equal": bool(np.array_equal(np.asarray(counts), ref_counts)),
         "nearest_uses_shard_map": "shard_map" in lowered or "sdy.manual_computation" in lowered,
     }
+
+
+def _quantizer_with_sharded_lookup_equal(mesh) -> bool:
+  """VectorQuantizer forward + gradients with `sharded_nearest_code` as its lookup (what
+  the proposed one-line hook in models/quantizer.py does) equal the plain module's."""
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import quantizer  # pylint: disable=g-import-not-at-top
+  vq = quantizer.VectorQuantizer(n_embed=64, embed_dim=16)
+  z = jax.random.normal(jax.random.PRNGKey(3), (8, 4, 4, 16))
+  params = vq.init(jax.random.PRNGKey(4), z)
+
+  def loss(p, z):
+    z_q, q_loss, info = vq.apply(p, z)
+    return jnp.sum(z_q ** 2) + q_loss, info["indices"]
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  ref = jax.device_get(jax.jit(grad_fn)(params, z))
+  sharded = functools.partial(sharding.sharded_nearest_code, mesh=mesh)
+  with mock.patch.object(quantizer, "nearest_code", sharded):
+    got = jax.device_get(jax.jit(grad_fn)(params, z))
+  return all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
+                                                  jax.tree_util.tree_leaves(ref)))
 
 
 def check_checkpoints(results, single, host_state, tmpdir):
@@ -430,6 +457,20 @@ def _checkpoint_summary(workdir, step):
           "finite": bool(all(np.all(np.isfinite(x)) for x in leaves))}
 
 
+def stage2_run_config(workdir, steps):
+  c2 = gpt_config()
+  c2.first_stage.workdir = os.path.join(workdir, "stage1")
+  c2.num_train_steps = steps
+  c2.log_every_steps = 1
+  c2.eval_every_steps = c2.checkpoint_every_steps = 2
+  c2.num_eval_batches, c2.eval_batch_size = 1, 8
+  c2.unigram_batches = 0
+  c2.async_checkpointing = False
+  c2.data.photos.photo_short_side = 64
+  c2.data.photos.train_examples_per_epoch = 64
+  return c2
+
+
 def run_train(process_id, num_processes, port, workdir, steps, out_path):
   """One process of a 2-process run: stage 1 on a (1, 4, 1) mesh (parameters and optimiser
   state FSDP-sharded across both processes), then stage 2 on the result on (1, 2, 2)."""
@@ -448,17 +489,8 @@ def run_train(process_id, num_processes, port, workdir, steps, out_path):
   results["stage1_s"] = time.time() - t0
   if os.environ.get("MP_WORKER_STAGE2", "1") == "1":
     t0 = time.time()
-    c2 = gpt_config()
-    c2.first_stage.workdir = os.path.join(workdir, "stage1")
+    c2 = stage2_run_config(workdir, 2)
     c2.mesh.data, c2.mesh.fsdp, c2.mesh.tensor = 1, 2, 2
-    c2.num_train_steps = 2
-    c2.log_every_steps = 1
-    c2.eval_every_steps = c2.checkpoint_every_steps = 2
-    c2.num_eval_batches, c2.eval_batch_size = 1, 8
-    c2.unigram_batches = 0
-    c2.async_checkpointing = False
-    c2.data.photos.photo_short_side = 64
-    c2.data.photos.train_examples_per_epoch = 64
     metrics2 = stage2_trainer.train_and_evaluate(c2, os.path.join(workdir, "stage2"))
     results["stage2_metrics"] = {k: float(v) for k, v in metrics2.items()}
     results["stage2_s"] = time.time() - t0
@@ -489,6 +521,15 @@ def run_resume(workdir, steps, out_path):
                                    runner.abstract_state.g_params,
                                    runner.abstract_state.trainer)
   results["trainer_step"] = int(restored["trainer"].step)
+  stage2 = os.path.join(workdir, "stage2")
+  if os.path.isdir(stage2):  # the 2-process GPT (trained on (1, 2, 2)) goes on here too
+    from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+    t0 = time.time()
+    c2 = stage2_run_config(workdir, 3)  # mesh data=-1: all local devices
+    metrics2 = stage2_trainer.train_and_evaluate(c2, stage2)
+    results["stage2_metrics"] = {k: float(v) for k, v in metrics2.items()}
+    results["stage2_latest_step"] = checkpointing.latest_step(stage2)
+    results["stage2_resume_s"] = time.time() - t0
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
 

@@ -20,7 +20,7 @@ import mp_worker
 from vqgan_jax import dry_run, sharding
 from vqgan_jax.models import quantizer
 
-MESHES_TIMEOUT_S = 600  # cold compile on a loaded 2-core machine; a warm cache needs ~30 s
+MESHES_TIMEOUT_S = 480  # cold compile on a loaded 2-core machine took 230 s; warm ~60 s
 
 
 def spec_of(shardings, name):
@@ -176,6 +176,19 @@ def test_dry_run_cli_parses_meshes():
     dry_run.parse_mesh("-1,4,1")
 
 
+def test_dry_run_command_line():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, "-m", "vqgan_jax.dry_run", "--config", "configs/vqgan_demo.py",
+       "--mesh", "1,1,1", "--mesh", "2,4,1 1,8,1", "--device_memory_gib", "16"],
+      cwd=mp_worker.REPO, env=mp_worker.worker_env(1), capture_output=True, text=True,
+      timeout=120, check=True).stdout
+  lines = [l for l in out.splitlines() if l.startswith(("1,1,1 ", "2,4,1 ", "1,8,1 "))]
+  assert len(lines) == 3 and all("yes" in l for l in lines), out
+  assert "trainable parameters" in out
+
+
 # ---------------------------------------------------------------- 8 devices (subprocess)
 
 @pytest.fixture(scope="module")
@@ -242,6 +255,7 @@ def test_gpt_step_on_meshes_equals_one_device_with_tensor_parallel_specs(eight):
 def test_sharded_nearest_code_and_counts_equal_unsharded(eight):
   for mesh, entry in eight["shard_map"].items():
     assert entry["nearest_equal"], mesh
+    assert entry["quantizer_hook_equal"], mesh  # inside a differentiated quantizer too
     assert entry["tie_index"] == 3, mesh        # duplicated code 3 / 50: lowest index wins
     assert entry["counts_equal"], mesh
     assert entry["nearest_uses_shard_map"] == (mesh != "8,1,1"), mesh

@@ -226,7 +226,8 @@ def format_table(model: AbstractModel, rows, device_memory_gib=None) -> str:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  meshes = [parse_mesh(m, FLAGS.num_devices) for m in FLAGS.mesh]
+  meshes = [parse_mesh(m, FLAGS.num_devices)
+             for value in FLAGS.mesh for m in value.replace(";", " ").split()]
   if not meshes:
     num = FLAGS.num_devices or jax.device_count()
     meshes = [sharding.mesh_shape(FLAGS.config.mesh, num)]
@@ -246,8 +247,9 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Stage-1 or stage-2 config file.")
-  flags.DEFINE_multi_string("mesh", [], "data,fsdp,tensor sizes (repeatable); default: the "
-                            "config's mesh on --num_devices devices")
+  flags.DEFINE_multi_string("mesh", [], "data,fsdp,tensor sizes (repeat the flag, or give "
+                            "several separated by spaces); default: the config's mesh on "
+                            "--num_devices devices")
   flags.DEFINE_integer("num_devices", 0, "devices for the config's mesh or a -1 entry")
   flags.DEFINE_float("device_memory_gib", 0.0, "memory per device (GiB) for the fits column")
   flags.DEFINE_string("stage1_config", "", "stage-2 only: the frozen VQGAN's config, to "

@@ -22,6 +22,11 @@ Explicit SPMD with `jax.shard_map`:
   sharded_nearest_code  nearest codebook entry with the codebook split over one axis:
                         local argmin per slice, then a cross-slice min (ties -> lowest
                         index, exactly `jnp.argmin`'s answer)
+
+Multi-process helpers: `maybe_initialize_distributed`, `global_batch` (per-process numpy
+batches -> one global array), `host_array` (a global array's whole value on every
+process, for images), `data_state_restorable` (whether a checkpoint's per-process data
+iterator states fit the current process count).
 """
 
 import os
@@ -243,9 +248,15 @@ def sharded_nearest_code(z: jax.Array, codebook: jax.Array, mesh: Optional[Mesh]
   of z over (data, fsdp) when N divides evenly. Each device computes the distances of its
   rows to its slice of codes only, takes the local argmin and minimum, and then two pmin
   over `axis` give the global answer: the smallest distance, and among the slices that
-  reach it the lowest code index -- exactly `jnp.argmin(squared_distances(z, codebook))`,
-  ties included (NaN distances count as smallest, as in jnp.argmin). Without a mesh, or
-  with `axis` of size 1, this is plain `quantizer.nearest_code`.
+  reach it the lowest code index -- `jnp.argmin(squared_distances(z, codebook))`'s answer,
+  exact ties included (NaN distances count as smallest, as in jnp.argmin). The one
+  caveat: a slice's distances come from a smaller matmul, which may round differently in
+  the last bit, so two codes equidistant to within float rounding may resolve either way.
+  Without a mesh, or with `axis` of size 1, this is plain `quantizer.nearest_code`.
+
+  Communication: two pmin of N/(data x fsdp) values over `axis`, instead of every device
+  computing all N x K distances of its rows. Hook it into the quantizer's lookup to use
+  it in a model (see the tests: tests/mp_worker.py `_quantizer_with_sharded_lookup_equal`).
 
   The index is not differentiable; inputs are stop-gradient'ed so that the function can
   sit inside a differentiated forward pass.
@@ -253,7 +264,8 @@ def sharded_nearest_code(z: jax.Array, codebook: jax.Array, mesh: Optional[Mesh]
   from vqgan_jax.models import quantizer  # pylint: disable=g-import-not-at-top
   z, codebook = lax.stop_gradient(z), lax.stop_gradient(codebook)
   if mesh is None or mesh.shape[axis] == 1 or codebook.shape[0] % mesh.shape[axis]:
-    return quantizer.nearest_code(z, codebook)
+    # quantizer.nearest_code, spelled out: this function may be installed in its place.
+    return jnp.argmin(quantizer.squared_distances(z, codebook), axis=-1).astype(jnp.int32)
   rows = _batch_spec(mesh, z.shape[0])
   if rows is not None and axis in rows:
     rows = tuple(a for a in rows if a != axis) or None

@@ -60,18 +60,8 @@ from vqgan_jax.models import vqgan
 LN2 = math.log(2.0)
 RANGE_ORDER = ("image", "start", "class", "null_class", "spatial", "coord")
 
-# Tensor-parallel placement of GPT weights (the `tensor` mesh axis): column-parallel
-# q/k/v and MLP input, row-parallel output projections, vocab-parallel embedding/head.
-GPT_SHARDING_RULES = (
-    (r"attn/(query|key|value)/kernel$", (None, "tensor")),
-    (r"attn/(query|key|value)/bias$", ("tensor",)),
-    (r"attn/proj/kernel$", ("tensor", None)),
-    (r"mlp/fc/kernel$", (None, "tensor")),
-    (r"mlp/fc/bias$", ("tensor",)),
-    (r"mlp/proj/kernel$", ("tensor", None)),
-    (r"wte/embedding$", ("tensor", None)),
-    (r"head/kernel$", (None, "tensor")),
-)
+# Tensor-parallel placement of GPT weights (the `tensor` mesh axis): see sharding.GPT_RULES.
+GPT_SHARDING_RULES = sharding.GPT_RULES
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,6 +431,7 @@ class Stage2Setup:
 
   def __init__(self, config, first, cond=None, num_classes: Optional[int] = None):
     self.config = config
+    first = _default_input(first)
     self.first_model, self.first_config = first.model, first.config
     self.cond_model = cond.model if cond is not None else None
     self.cond_config = cond.config if cond is not None else None
@@ -878,8 +869,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   if saved is not None:
     start_step = manager.latest_step()
+    same_topology = sharding.data_state_restorable(manager, start_step)
+    if not same_topology:
+      # Arrays reshard onto any mesh, but a process's data position does not carry over
+      # to another process count: start a fresh stream, reseeded by the step.
+      logging.warning("%s step %d was written by a different number of processes; arrays "
+                      "are resharded and the data stream restarts", workdir, start_step)
+      train_iter = data.make_train_iterator(
+          config.data, batch_size=config.batch_size // jax.process_count(),
+          seed=config.seed + start_step, process_index=jax.process_index(),
+          process_count=jax.process_count())
     restored = checkpointing.restore(manager, start_step, runner.abstract_state.params,
-                                     runner.abstract_state.trainer, train_iter)
+                                     runner.abstract_state.trainer,
+                                     train_iter if same_topology else None)
     state = Stage2State(params=restored["model"], trainer=restored["trainer"])
     logging.info("Resumed %s from step %d", workdir, start_step)
   else:
@@ -907,7 +909,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def save_checkpoint(step, state, force=False):
     meta = stage2_metadata(config, setup, step, first_record, cond_record)
-    checkpointing.save(manager, step, state.params, state.trainer, meta, train_iter, force=force)
+    checkpointing.guarded_save(manager, workdir, step, state.params, state.trainer, meta,
+                               train_iter, force=force)
 
   window = train_utils.MetricWindow()
   last_eval: Dict[str, float] = {}
@@ -915,33 +918,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     last_eval = run_eval(0, state)
   step = start_step
   t0 = time.time()
-  with train_utils.PreemptionWatcher() as preemption:
-    while step < config.num_train_steps:
-      state, metrics = runner.train_step(state, next(train_iter))
-      step += 1
-      window.add(step, metrics)
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        steps, fetched, elapsed = window.fetch()
-        stage1_trainer._handle_nonfinite(config, steps, fetched)  # pylint: disable=protected-access
-        scalars = train_utils.mean_scalars(fetched)
-        scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
-        scalars["learning_rate"] = lr_at(config, step)
-        scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
-        writer.write_scalars(step, scalars)
-        eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
-        logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step,
-                     config.num_train_steps, scalars["loss"], scalars["steps_per_sec"],
-                     train_utils.format_eta(eta))
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        last_eval = run_eval(step, state)
-      stop = train_utils.any_process_requested(preemption.requested)
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
-        stage1_trainer._handle_nonfinite(config, *window.peek())  # pylint: disable=protected-access
-        save_checkpoint(step, state, force=stop)
-      if stop:
-        logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
-        break
-  manager.wait_until_finished()
+  try:
+    with train_utils.PreemptionWatcher() as preemption:
+      while step < config.num_train_steps:
+        state, metrics = runner.train_step(state, next(train_iter))
+        step += 1
+        window.add(step, metrics)
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+          steps, fetched, elapsed = window.fetch()
+          stage1_trainer._handle_nonfinite(config, steps, fetched)  # pylint: disable=protected-access
+          # Per-step losses (fetched once per window): a resumed run logs what an
+          # uninterrupted one logs.
+          for logged_step, m in zip(steps, fetched):
+            writer.write_scalars(logged_step, train_utils.mean_scalars([m]))
+          loss = float(np.mean([m["loss"] for m in fetched]))
+          scalars = {"steps_per_sec": len(steps) / max(elapsed, 1e-9),
+                     "learning_rate": lr_at(config, step),
+                     "nonfinite_steps": float(jax.device_get(state.trainer.nonfinite_steps))}
+          writer.write_scalars(step, scalars)
+          eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+          logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step,
+                       config.num_train_steps, loss, scalars["steps_per_sec"],
+                       train_utils.format_eta(eta))
+        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+          last_eval = run_eval(step, state)
+        stop = train_utils.any_process_requested(preemption.requested)
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
+          stage1_trainer._handle_nonfinite(config, *window.peek())  # pylint: disable=protected-access
+          save_checkpoint(step, state, force=stop)
+        if stop:
+          logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
+          break
+  except BaseException:
+    # Let finished steps' checkpoints land before the error propagates.
+    checkpointing.wait_quietly(manager)
+    raise
+  checkpointing.guarded_wait(manager, workdir)
+  if not last_eval:  # e.g. resumed a finished run: still report where it stands
+    last_eval = run_eval(step, state)
   writer.flush()
   logging.info("Finished at step %d in %.1fs", step, time.time() - t0)
   return last_eval
