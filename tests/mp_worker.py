@@ -474,7 +474,7 @@ def stage2_run_config(workdir, steps):
 def run_train(process_id, num_processes, port, workdir, steps, out_path):
   """One process of a 2-process run: stage 1 on a (1, 4, 1) mesh (parameters and optimiser
   state FSDP-sharded across both processes), then stage 2 on the result on (1, 2, 2)."""
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Also selects gloo CPU collectives (before the backend starts).
   sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   from vqgan_jax import stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
   results = {"process_index": jax.process_index(), "process_count": jax.process_count(),

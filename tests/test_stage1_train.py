@@ -85,7 +85,7 @@ def test_missing_workdir_errors_name_the_path(tmp_path):
     ("model.resolution", 17, "model.resolution"),
     ("model.attn_resolutions", (5,), "model.attn_resolutions"),
     ("model.n_embed", 0, "model.n_embed"),
-    ("data.image_size", 18, "data.image_size"),
+    ("data.image_size", 17, "data.image_size"),
     ("loss.disc_loss", "wasserstein", "loss.disc_loss"),
 ])
 def test_impossible_configs_fail_naming_the_key(key, value, message):

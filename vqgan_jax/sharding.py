@@ -9,12 +9,12 @@ matched against "module/submodule/param" names) mapping each dimension to a mesh
 followed by a generic FSDP rule: any remaining large array is sharded along its largest
 dimension that the fsdp axis divides. Because a rule is a regular expression searched in the
 path, optimiser states (whose paths end with the parameter's path, e.g.
-"trainer/opt_state/1/0/mu/blocks_0/attn/query/kernel") are placed like their parameters.
+"trainer/opt_state/0/mu/blocks_0/attn/query/kernel") are placed like their parameters.
 
 Rule tables:
   GPT_RULES    Megatron-style tensor parallelism of the stage-2 GPT (see below)
-  VQGAN_RULES  the stage-1 codebook split over `tensor` (the nearest-code search then
-               runs on one slice of the codes per tensor device, `sharded_nearest_code`)
+  VQGAN_RULES  the stage-1 codebook split over `tensor` by codes (the layout that
+               `sharded_nearest_code` searches one slice of per tensor device)
 
 Explicit SPMD with `jax.shard_map`:
   sharded_code_counts   per-code hit counts of a batch-sharded index array: local
@@ -86,6 +86,13 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     process_id = int(os.environ["JAX_PROCESS_ID"])
   if jax.distributed.is_initialized():
     return
+  if coordinator_address or os.environ.get("VQGAN_DISTRIBUTED") == "1":
+    # Cross-process collectives of the CPU backend need gloo (ignored by TPU/GPU); it
+    # must be chosen before the backend starts.
+    try:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # pylint: disable=broad-except
+      pass
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)

@@ -34,7 +34,12 @@ that probability.
 Tokens: by default the frozen encoders run inside the jitted train step, their
 parameters passed as a separate replicated argument (never in the train state or the
 checkpoint). `config.tokens_dir` is the hook for reading pre-exported tokens instead
-(vqgan_jax/export_tokens.py); see `_token_source`.
+(vqgan_jax/export_tokens.py writes them, vqgan_jax/tokens.py reads them): not wired yet
+(config validation rejects a non-empty value). Wiring it means: build the train/eval
+iterators with tokens.make_token_train_iterator / make_token_eval_iterator, let
+`Stage2Setup.tokenize` return batch["tokens"] / batch["cond_tokens"] when present
+(marked HOOK there), and check the export's metadata (codebook size, grid, stage-1
+step) against the frozen stage-1 checkpoint as `load_frozen_stages` does.
 """
 
 import dataclasses
