@@ -38,11 +38,7 @@ from jax import lax
 from vqgan_jax import checkpointing, data, sampling, stage1_trainer, stage2_trainer, train_utils
 from vqgan_jax.models import vqgan
 
-# Colours of segment ids in the condition maps (cycled when there are more segments).
-_PALETTE = np.array([
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
-    [0, 0, 0], [255, 255, 255]], np.float32)
+
 
 
 @dataclasses.dataclass
@@ -192,8 +188,7 @@ def draw_tokens(loaded, prefix: np.ndarray, key, opts: SamplingOptions) -> np.nd
 
 def colorize(segmentation: np.ndarray) -> np.ndarray:
   """Segment ids (B, H, W) -> RGB in [-1, 1] with a fixed palette."""
-  rgb = _PALETTE[np.asarray(segmentation) % len(_PALETTE)]
-  return rgb / 127.5 - 1.0
+  return train_utils.colorize_segments(segmentation)
 
 
 def spatial_regions(data_config, size: int, count: int):

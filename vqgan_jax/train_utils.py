@@ -98,6 +98,27 @@ def any_process_requested(flag: bool) -> bool:
   return bool(np.any(flags))
 
 
+# Colours of segment ids in the condition maps (cycled when there are more segments).
+_PALETTE = np.array([
+    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    [0, 0, 0], [255, 255, 255]], np.float32)
+
+
+def colorize_segments(segmentation: np.ndarray) -> np.ndarray:
+  """Segment ids (B, H, W) -> RGB in [-1, 1] with a fixed palette."""
+  rgb = _PALETTE[np.asarray(segmentation) % len(_PALETTE)]
+  return rgb / 127.5 - 1.0
+
+
+def displayable(images: np.ndarray) -> np.ndarray:
+  """RGB stays; other channel counts (one-hot condition maps) show their argmax in colour."""
+  images = np.asarray(images)
+  if images.shape[-1] in (1, 3):
+    return images
+  return colorize_segments(np.argmax(images, axis=-1))
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats -> uint8."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -105,7 +126,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def make_grid(rows: List[np.ndarray], pad: int = 2) -> np.ndarray:
   """Stacks rows of images (each (N, H, W, C) in [-1,1]) into one uint8 grid image."""
-  rows = [to_uint8(r) for r in rows]
+  rows = [to_uint8(displayable(r)) for r in rows]
   n = max(r.shape[0] for r in rows)
   h, w, c = rows[0].shape[1:]
   grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
