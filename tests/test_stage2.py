@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import transformer_default, vqgan_default
+from configs import transformer_tiny, vqgan_default
 from vqgan_jax import checkpointing, config_lib, sample, sampling, stage2_trainer
 from vqgan_jax.models import transformer, vqgan
 from vqgan_jax.stage2_trainer import VocabLayout
@@ -65,23 +65,11 @@ def make_stage1_workdir(path, config, step=2):
 
 
 def tiny_stage2_config(stage1_dir, kind="class", **overrides):
-  c = transformer_default.get_config()
+  c = transformer_tiny.get_config()
   c.first_stage.workdir = stage1_dir
-  c.model.n_layer, c.model.n_head, c.model.n_embd = 1, 2, 32
   c.cond.kind = kind
   c.cond.cfg_dropout = 0.1 if kind == "class" else 0.0
-  c.data.image_size = 16
-  c.data.photos.photo_short_side = 128
-  c.data.photos.train_examples_per_epoch = 64
-  c.batch_size, c.learning_rate, c.pkeep = 4, 1e-3, 0.9
-  c.num_train_steps = 3
-  c.log_every_steps = 1
-  c.eval_every_steps = c.checkpoint_every_steps = 3
-  c.num_eval_batches, c.eval_batch_size = 1, 4
-  c.unigram_batches = 1
   c.async_checkpointing = False
-  c.sampling.num_samples = 2
-  c.sampling.num_samples_per_class = 1
   for key, value in overrides.items():
     target = c
     *parents, leaf = key.split(".")
