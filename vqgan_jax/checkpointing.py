@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  # Orbax wants absolute paths; gs:// and other URLs are absolute already.
+  workdir = str(workdir)
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / "checkpoints"
 
 
