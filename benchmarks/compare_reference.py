@@ -184,8 +184,12 @@ class RefWorker:
     return {"times": times, "params": n_params, "build_s": build_s}
 
 
-def worker_main(threads):
-  worker = RefWorker(threads)
+def worker_main(kind, threads):
+  if kind == "ours":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = Ours()
+  else:
+    worker = RefWorker(threads)
   out = sys.stdout
   sys.stdout = sys.stderr  # keep library prints off the protocol channel
   out.write(json.dumps({"ready": True}) + "\n")
@@ -202,24 +206,31 @@ def worker_main(threads):
     out.flush()
 
 
-class RefClient:
-  def __init__(self, python, threads):
+class WorkerClient:
+  """A worker subprocess ("ref": reference venv; "ours": this venv, optional XLA_FLAGS)."""
+
+  def __init__(self, kind, python, threads, xla_flags=None):
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    if kind == "ours":
+      env.setdefault("JAX_PLATFORMS", "cpu")
+      if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    # The reference runs outside the repo root, so nothing of the project shadows it.
+    cwd = "/tmp" if kind == "ref" else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     self.proc = subprocess.Popen(
-        [python, os.path.abspath(__file__), "--_worker", "--threads", str(threads)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        cwd="/tmp")  # not the repo root: nothing of the project must shadow the reference
+        [python, os.path.abspath(__file__), "--_worker", kind, "--threads", str(threads)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
     ready = self._read()
     assert ready.get("ready"), ready
 
   def _read(self):
     line = self.proc.stdout.readline()
     if not line:
-      raise RuntimeError(f"reference worker exited (code {self.proc.poll()}); see stderr above")
+      raise RuntimeError(f"worker exited (code {self.proc.poll()}); see stderr above")
     reply = json.loads(line)
     if "error" in reply:
-      raise RuntimeError(f"reference worker: {reply['error']}\n{reply.get('traceback', '')}")
+      raise RuntimeError(f"worker: {reply['error']}\n{reply.get('traceback', '')}")
     return reply
 
   def request(self, **kwargs):
@@ -353,6 +364,12 @@ class Ours:
     run, n_params, compile_s = self.steps[name]
     return {"times": _timed(run, steps, warmup), "params": n_params, "compile_s": compile_s}
 
+  def handle(self, request):
+    if request["cmd"] == "info":
+      return {"jax": self.jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "matmul_peak": self.matmul_peak()}
+    return self.time(request["config"], request["steps"], request["warmup"])
+
   def matmul_peak(self, size=2048):
     jax = self.jax
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -393,74 +410,81 @@ def main():
   parser.add_argument("--steps_b", type=int, default=4, help="timed steps per round, (b)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (first round)")
   parser.add_argument("--skip_ref", action="store_true", help="time only our implementation")
+  parser.add_argument("--xla_flags_variant", action="append", default=[],
+                      help="also time ours with XLA_FLAGS set to this (repeatable); the "
+                      "plain 'ours' row inherits XLA_FLAGS from the environment")
   parser.add_argument("--output", default=None, help="also write the results as JSON here")
-  parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--_worker", choices=["ref", "ours"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._worker:  # pylint: disable=protected-access
-    worker_main(args.threads)
+    worker_main(args._worker, args.threads)  # pylint: disable=protected-access
     return
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   names = [n.strip() for n in args.configs.split(",") if n.strip()]
   load_start = loadavg()
-  ref = None if args.skip_ref else RefClient(args.ref_python, args.threads)
-  ours = Ours()
-  results = {n: {"ours": [], "ref": []} for n in names}
-  meta = {"ours": {}, "ref": {}}
-  ref_info = ref.request(cmd="info") if ref else {}
+  impls = {}  # implementation name -> worker
+  if not args.skip_ref:
+    impls["ref"] = WorkerClient("ref", args.ref_python, args.threads)
+  impls["ours"] = WorkerClient("ours", sys.executable, args.threads)
+  for i, flags in enumerate(args.xla_flags_variant):
+    impls[f"ours+flags{i + 1}"] = WorkerClient("ours", sys.executable, args.threads, flags)
+  info = {name: w.request(cmd="info") for name, w in impls.items()}
+  times = {n: {impl: [] for impl in impls} for n in names}
+  meta = {impl: {} for impl in impls}
   for r in range(args.rounds):
     for name in names:
       steps = args.steps_b if name == "b" else args.steps_a
       warmup = args.warmup if r == 0 else 1
-      if ref and name != "a_trainer":
-        reply = ref.request(cmd="time", config=name, steps=steps, warmup=warmup)
-        results[name]["ref"] += reply["times"]
-        meta["ref"][name] = {"params": reply["params"]}
-      reply = ours.time(name, steps, warmup)
-      results[name]["ours"] += reply["times"]
-      meta["ours"][name] = {"params": reply["params"], "compile_s": reply["compile_s"]}
+      for impl, worker in impls.items():
+        if impl == "ref" and name == "a_trainer":
+          continue  # compared with the reference's (a)
+        reply = worker.request(cmd="time", config=name, steps=steps, warmup=warmup)
+        times[name][impl] += reply["times"]
+        meta[impl][name] = {k: v for k, v in reply.items() if k != "times"}
       print(f"round {r}: {name} done (load {loadavg()})", file=sys.stderr, flush=True)
-  peak = ours.matmul_peak()
-  if ref:
-    ref.close()
+  for worker in impls.values():
+    worker.close()
   load_end = loadavg()
+  peak = info["ours"]["matmul_peak"]
   fl = analytic_flops()
 
   rows = []
   for name in names:
-    o = results[name]["ours"]
-    # (a') has no reference run of its own: it is compared with the reference's (a).
-    rf = results["a"]["ref"] if name == "a_trainer" and "a" in results else results[name]["ref"]
-    row = {"config": name, "label": LABELS[name], "flops_per_step": fl[name],
-           "ours_median_s": statistics.median(o), "ours_min_s": min(o), "ours_max_s": max(o),
-           "ours_steps": len(o), **{f"ours_{k}": v for k, v in meta["ours"][name].items()}}
-    row["ours_mfu"] = fl[name] / row["ours_median_s"] / peak
-    if rf:
-      row.update(ref_median_s=statistics.median(rf), ref_min_s=min(rf), ref_max_s=max(rf),
-                 ref_steps=len(rf))
-      row["ref_mfu"] = fl[name] / row["ref_median_s"] / peak
-      row["speedup"] = row["ref_median_s"] / row["ours_median_s"]
-    rows.append(row)
+    ref_times = times["a" if name == "a_trainer" else name].get("ref", [])
+    ref_median = statistics.median(ref_times) if ref_times else None
+    for impl in impls:
+      t = ref_times if impl == "ref" else times[name][impl]
+      if not t or (impl == "ref" and name == "a_trainer"):
+        continue
+      median = statistics.median(t)
+      row = {"config": name, "impl": impl, "label": LABELS[name], "flops_per_step": fl[name],
+             "median_s": median, "min_s": min(t), "max_s": max(t), "steps": len(t),
+             "mfu": fl[name] / median / peak, **meta[impl].get(name, {})}
+      if ref_median and impl != "ref":
+        row["ref_median_s"] = ref_median
+        row["speedup_vs_ref"] = ref_median / median
+      rows.append(row)
 
-  print(f"\nload average (1 min): start {load_start}, end {load_end}; "
-        f"JAX f32 matmul peak {peak / 1e9:.1f} GFLOP/s"
-        + (f"; torch {ref_info['torch']} ({ref_info['threads']} threads) matmul peak "
-           f"{ref_info['matmul_peak'] / 1e9:.1f} GFLOP/s" if ref_info else ""))
-  header = (f"{'configuration':38s} {'GFLOP/step':>10s} {'ours s':>8s} {'ref s':>8s} "
-            f"{'ref/ours':>8s} {'ours MFU':>8s} {'ref MFU':>8s}")
+  print(f"\nload average (1 min): start {load_start}, end {load_end}")
+  for impl, i in info.items():
+    desc = (f"torch {i['torch']} ({i['threads']} threads)" if impl == "ref"
+            else f"jax {i['jax']} XLA_FLAGS={i['xla_flags']!r}")
+    print(f"  {impl:12s} {desc}; f32 2048^3 matmul {i['matmul_peak'] / 1e9:.1f} GFLOP/s")
+  header = (f"{'configuration':36s} {'impl':11s} {'GFLOP/step':>10s} {'median s':>9s} "
+            f"{'min s':>7s} {'max s':>7s} {'ref/this':>8s} {'MFU':>6s}")
   print(header)
   print("-" * len(header))
   for row in rows:
-    ref_s = f"{row['ref_median_s']:8.3f}" if "ref_median_s" in row else f"{'-':>8s}"
-    ratio = f"{row['speedup']:7.2f}x" if "speedup" in row else f"{'-':>8s}"
-    ref_mfu = f"{100 * row['ref_mfu']:7.1f}%" if "ref_mfu" in row else f"{'-':>8s}"
-    print(f"{row['label']:38s} {row['flops_per_step'] / 1e9:10.2f} {row['ours_median_s']:8.3f} "
-          f"{ref_s} {ratio} {100 * row['ours_mfu']:7.1f}% {ref_mfu}")
-  print("(medians over all timed steps; ref/ours > 1 means ours is faster; MFU = analytic "
-        "FLOPs / median / measured matmul peak. (a') is compared with the reference's (a).)")
-  out = {"rows": rows, "loadavg_start": load_start, "loadavg_end": load_end,
-         "jax_matmul_peak": peak, "ref_info": ref_info, "rounds": args.rounds,
-         "times": results}
+    ratio = f"{row['speedup_vs_ref']:7.2f}x" if "speedup_vs_ref" in row else f"{'':8s}"
+    print(f"{row['label']:36s} {row['impl']:11s} {row['flops_per_step'] / 1e9:10.2f} "
+          f"{row['median_s']:9.3f} {row['min_s']:7.3f} {row['max_s']:7.3f} {ratio} "
+          f"{100 * row['mfu']:5.1f}%")
+  print("(medians over all timed steps of all rounds; ref/this > 1: faster than the reference; "
+        "MFU = analytic FLOPs / median / the 'ours' worker's measured f32 matmul rate. (a') is "
+        "compared with the reference's (a).)")
+  out = {"rows": rows, "loadavg_start": load_start, "loadavg_end": load_end, "info": info,
+         "rounds": args.rounds, "times": times}
   if args.output:
     with open(args.output, "w") as fh:
       json.dump(out, fh, indent=1)

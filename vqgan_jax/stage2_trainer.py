@@ -959,6 +959,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     checkpointing.wait_quietly(manager)
     raise
   checkpointing.guarded_wait(manager, workdir)
+  if step < config.num_train_steps:  # stopped by a signal, checkpoint written
+    writer.flush()
+    raise train_utils.Preempted(step)
   if not last_eval:  # e.g. resumed a finished run: still report where it stands
     last_eval = run_eval(step, state)
   writer.flush()

@@ -15,6 +15,18 @@ class NonFiniteError(FloatingPointError):
   """A loss or gradient became NaN/Inf; names the step and the metric."""
 
 
+class Preempted(SystemExit):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint of `step`.
+
+  A SystemExit with status 0: the command line exits cleanly, and callers that chain
+  several trainings (the demo) stop instead of going on with an unfinished model.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+
 class MetricWindow:
   """Collects per-step metrics as device arrays and fetches them only at log time.
 
