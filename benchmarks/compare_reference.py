@@ -2,12 +2,13 @@ r"""Side-by-side step times: the PyTorch reference (taming-transformers) vs this
 
   python benchmarks/compare_reference.py --ref_python /tmp/refenv/bin/python
 
-One command, one machine, one run. The reference runs in its own virtualenv as a
-long-lived worker subprocess (this file, re-executed with --_worker: it imports only the
-standard library, torch and taming there) that answers timing requests over stdin/stdout
-in JSON; our side runs in this process (the project venv). Rounds alternate reference and
-ours for every configuration, so slow drifts in machine load hit both; the table reports
-medians over all timed steps of all rounds.
+One command, one machine, one run. Each implementation runs in its own long-lived worker
+subprocess (this file re-executed with --_worker): the reference in its virtualenv (only
+the standard library, torch and taming are imported there), ours in the project venv
+(optionally several, each with its own XLA_FLAGS: --xla_flags_variant). The workers answer
+timing requests over stdin/stdout in JSON and sit idle while another one is timed. Rounds
+alternate the implementations for every configuration, so slow drifts in machine load hit
+all of them; the table reports medians over all timed steps of all rounds.
 
 Configurations (identical on both sides, f32, synthetic inputs, torch threads = --threads):
   (a) stage-1 step: VQGAN ch=64, ch_mult (1,1,2,2,4), num_res_blocks 1, attn_resolutions
@@ -34,7 +35,8 @@ taming's VQModel is built with lossconfig target `torch.nn.Identity` (its LPIPS 
 download VGG weights); the loss here is computed in the step function instead.
 
 FLOPs (for MFU) come from vqgan_jax.flops and are the same for both implementations; the
-peak is an f32 2048^3 matmul measured in this run (JAX; torch's is printed too).
+peak is an f32 2048^3 matmul measured in this run by the plain 'ours' worker (each
+worker's own matmul rate is printed too).
 """
 
 import argparse
