@@ -144,11 +144,14 @@ def _kill_and_resume_matches_uninterrupted(tmp_path, script, config, extra, step
   assert set(ref_logs) == set(got_logs) and len(ref_logs) >= steps
   for key, value in ref_logs.items():
     assert got_logs[key] == value, key
+  return kills, len(ref_logs)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_is_bit_exact(tmp_path):
-  _kill_and_resume_matches_uninterrupted(tmp_path, "train_stage1.py", TINY, [], steps=12)
+  kills, logged = _kill_and_resume_matches_uninterrupted(tmp_path, "train_stage1.py", TINY, [],
+                                                         steps=12)
+  assert kills == 3 and logged >= 12
 
 
 @pytest.mark.slow
@@ -156,9 +159,10 @@ def test_stage2_sigkill_at_random_steps_then_resume_is_bit_exact(tmp_path):
   stage1_dir = tmp_path / "stage1"
   code, out = _finish(_start("train_stage1.py", TINY, stage1_dir))
   assert code == 0, out[-3000:]
-  _kill_and_resume_matches_uninterrupted(
+  kills, logged = _kill_and_resume_matches_uninterrupted(
       tmp_path, "train_stage2.py", os.path.join("configs", "transformer_tiny.py"),
       [f"--config.first_stage.workdir={stage1_dir}"], steps=12)
+  assert kills == 3 and logged >= 12
 
 
 def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
