@@ -59,9 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.crop_tokens = 0        # 0 = off; >0: train on random crop_tokens x crop_tokens crops
                                 # of the token grid (high-resolution training; sample larger
                                 # grids with the sliding window)
-  config.tokens_dir = ""        # "" = tokenise on the fly with the frozen encoder(s).
-                                # HOOK for pre-exported tokens (vqgan_jax/export_tokens.py);
-                                # not read yet: a non-empty value is an error for now.
+  config.tokens_dir = ""        # "" = tokenise on the fly with the frozen encoder(s); else
+                                # the --output folder of vqgan_jax.export_tokens: train on
+                                # its train/ split (and evaluate on validation/ if exported),
+                                # made with the same stage-1 (and conditioning) checkpoints
 
   # --- Data (see vqgan_jax/data.py) ---
   from vqgan_jax import data  # local import keeps config files cheap to read

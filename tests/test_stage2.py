@@ -391,3 +391,73 @@ def test_sample_cli_writes_pngs(class_run, tmp_path, capsys):
     assert im.size == (2 + 2 * (16 + 2), 2 + 16 + 2)       # two 16px samples in one row
   with Image.open(out / "sliding_window.png") as im:
     assert im.size == (2 + 2 * (32 + 2), 2 + 32 + 2)       # 16x16 tokens x f=2: 32px, 2 classes
+
+
+# ----- training from exported tokens (config.tokens_dir) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_tokens(stage1_dir, tmp_path_factory):
+  """Train and validation splits of the tiny photos data, exported with the stage-1 model."""
+  from vqgan_jax import export_tokens  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp("exported") / "tokens")
+  config = tiny_stage2_config(stage1_dir)
+  for split in ("train", "validation"):
+    export_tokens.export_tokens(config, stage1_dir, out, split=split, batch_size=8)
+  return out
+
+
+def test_a_step_on_exported_tokens_equals_a_step_on_images(stage1_dir, exported_tokens):
+  from vqgan_jax import data, tokens  # pylint: disable=g-import-not-at-top
+  config = tiny_stage2_config(stage1_dir, tokens_dir=exported_tokens, pkeep=0.5)
+  config_lib.validate_transformer_config(config)
+  first, _ = stage2_trainer.load_frozen_stages(config)
+  stage2_trainer.check_exported_tokens(config, first)
+  runner = stage2_trainer.Stage2Runner(config, first, num_classes=7)
+  # The validation records are the eval iterator's examples in the same order.
+  images = next(iter(data.make_eval_iterator(config.data, batch_size=4)))
+  assert images["mask"].all()
+  source = tokens.TokenSource(exported_tokens, "validation")
+  records = [source[i] for i in range(4)]
+  token_batch = {"tokens": np.stack([r["tokens"] for r in records]),
+                 "label": np.stack([r["label"] for r in records])}
+  np.testing.assert_array_equal(token_batch["label"], images["label"])
+  assert runner.setup.batch_keys(True) == ("tokens", "label")
+  # Same initial state (init is deterministic; the step donates its input state).
+  from_images, m_images = runner.train_step(runner.init_state(), images)
+  from_tokens, m_tokens = runner.train_step(runner.init_state(), token_batch)
+  assert float(m_images["loss"]) == pytest.approx(float(m_tokens["loss"]), rel=1e-6)
+  assert np.isfinite(float(m_tokens["loss"]))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         jax.device_get(from_images.params), jax.device_get(from_tokens.params))
+
+
+def test_training_from_exported_tokens(stage1_dir, exported_tokens, tmp_path, monkeypatch):
+  seen = []
+  original = stage2_trainer.Stage2Runner.select
+
+  def recording(self, batch, eval_batch=False):
+    seen.append((eval_batch, tuple(sorted(batch))))
+    return original(self, batch, eval_batch)
+
+  monkeypatch.setattr(stage2_trainer.Stage2Runner, "select", recording)
+  config = tiny_stage2_config(stage1_dir, tokens_dir=exported_tokens, num_train_steps=2,
+                              unigram_batches=1)
+  metrics = stage2_trainer.train_and_evaluate(config, str(tmp_path / "gpt"))
+  assert np.isfinite(metrics["val_bits_per_token"]) and metrics["unigram_entropy_bits"] > 0
+  # Every batch, train and eval, came from the exported tokens, none from images.
+  assert seen and all("tokens" in keys and "image" not in keys for _, keys in seen)
+  assert {e for e, _ in seen} == {True, False}
+  meta, step = stage2_trainer.read_stage2_metadata(str(tmp_path / "gpt"))
+  assert step == 2 and meta["config"]["tokens_dir"] == exported_tokens
+
+
+def test_exported_tokens_from_another_checkpoint_are_refused(stage1_dir, exported_tokens,
+                                                             tmp_path, no_runner):
+  other = make_stage1_workdir(tmp_path / "other_vq", tiny_stage1_config(), step=5)
+  config = tiny_stage2_config(other, tokens_dir=exported_tokens)
+  with pytest.raises(config_lib.ConfigError, match=r"train/metadata\.json.*stage-1 step.*2.*5"):
+    stage2_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  config = tiny_stage2_config(stage1_dir, tokens_dir=str(tmp_path / "nothing"))
+  with pytest.raises(config_lib.ConfigError, match="nothing"):
+    stage2_trainer.train_and_evaluate(config, str(tmp_path / "w2"))

@@ -121,7 +121,7 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
     _require(bool(c.cond_stage_workdir), "cond.cond_stage_workdir",
              "spatial conditioning needs the workdir of a conditioning VQGAN",
              c.cond_stage_workdir)
-    _require(config.data.name == "photos", "data.name",
+    _require(config.data.name == "photos" or bool(config.tokens_dir), "data.name",
              "spatial conditioning needs segmentation maps, which only the 'photos' source "
              "provides", config.data.name)
   if c.kind == "coord":
@@ -131,9 +131,6 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
     _require(c.coord_grid >= 1, "cond.coord_grid", "must be >= 1", c.coord_grid)
   _require(0.0 < config.pkeep <= 1.0, "pkeep", "must be in (0, 1] (1 = off)", config.pkeep)
   _require(config.crop_tokens >= 0, "crop_tokens", "must be >= 0 (0 = off)", config.crop_tokens)
-  _require(config.tokens_dir == "", "tokens_dir",
-           "reading exported tokens is not implemented yet; leave it empty (tokenise on the fly)",
-           config.tokens_dir)
   _require(config.weight_decay >= 0.0, "weight_decay", "must be >= 0", config.weight_decay)
   _require(config.warmup_steps >= 0, "warmup_steps", "must be >= 0", config.warmup_steps)
   _require(config.unigram_batches >= 0, "unigram_batches", "must be >= 0",

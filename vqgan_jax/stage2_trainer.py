@@ -33,13 +33,13 @@ that probability.
 
 Tokens: by default the frozen encoders run inside the jitted train step, their
 parameters passed as a separate replicated argument (never in the train state or the
-checkpoint). `config.tokens_dir` is the hook for reading pre-exported tokens instead
-(vqgan_jax/export_tokens.py writes them, vqgan_jax/tokens.py reads them): not wired yet
-(config validation rejects a non-empty value). Wiring it means: build the train/eval
-iterators with tokens.make_token_train_iterator / make_token_eval_iterator, let
-`Stage2Setup.tokenize` return batch["tokens"] / batch["cond_tokens"] when present
-(marked HOOK there), and check the export's metadata (codebook size, grid, stage-1
-step) against the frozen stage-1 checkpoint as `load_frozen_stages` does.
+checkpoint). With `config.tokens_dir` set to the output of vqgan_jax.export_tokens, the
+steps read the exported indices instead ('tokens', and 'cond_tokens' for spatial
+conditioning): training uses the train/ split, evaluation the validation/ split when it
+was exported (else the images of config.data). The export's metadata (stage-1 step,
+codebook size, token grid, conditioning VQGAN) must match the frozen checkpoints, which
+are still loaded (sampling and the checkpoint record need them). Everything after
+tokenisation (crops, corruption, loss) is the same code either way.
 """
 
 import dataclasses
@@ -59,6 +59,7 @@ from jax import lax
 
 from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_utils
 from vqgan_jax import stage1_trainer
+from vqgan_jax import tokens as tokens_lib
 from vqgan_jax.models import transformer
 from vqgan_jax.models import vqgan
 
@@ -459,12 +460,13 @@ class Stage2Setup:
     """Length the GPT reads (condition + image tokens - 1)."""
     return self.prefix_len + self.num_image_tokens - 1
 
-  def batch_keys(self) -> Tuple[str, ...]:
-    keys = ["image"]
+  def batch_keys(self, from_tokens: bool = False) -> Tuple[str, ...]:
+    """Batch entries the steps read: images (encoded in the step) or exported tokens."""
+    keys = ["tokens" if from_tokens else "image"]
     if self.layout.kind == "class":
       keys.append("label")
     if self.layout.kind == "spatial":
-      keys.append("segmentation")
+      keys.append("cond_tokens" if from_tokens else "segmentation")
     return tuple(keys)
 
   def init_state(self, rng: jax.Array) -> Stage2State:
@@ -477,8 +479,12 @@ class Stage2Setup:
   def tokenize(self, frozen, batch) -> Tuple[jax.Array, Optional[jax.Array]]:
     """(image codes (B, h, w), condition codes (B, h, w) or None) of the full crop.
 
-    HOOK (config.tokens_dir): pre-exported tokens would enter here instead of the encoders.
+    A batch of exported tokens (key 'tokens', see vqgan_jax/tokens.py) is used as it is;
+    a batch of images is encoded with the frozen VQGAN(s).
     """
+    if "tokens" in batch:
+      cond = batch["cond_tokens"].astype(jnp.int32) if self.layout.kind == "spatial" else None
+      return batch["tokens"].astype(jnp.int32), cond
     image = encode(self.first_model, frozen["first"],
                    stage1_trainer.model_inputs(batch, self.first_config))
     cond = None
@@ -566,7 +572,81 @@ def resolve_num_classes(config) -> int:
     return 0
   if config.cond.num_classes > 0:
     return int(config.cond.num_classes)
+  return available_classes(config)
+
+
+def available_classes(config) -> int:
+  """Classes in the training data: the export's label count with tokens_dir, else the
+  dataset's."""
+  if config.tokens_dir:
+    return int(exported_metadata(config, "train")["labels"]["num_classes"])
   return int(data.dataset_info(config.data)["num_classes"])
+
+
+# ---------------------------------------------------------------------------------------
+# Exported tokens (config.tokens_dir)
+# ---------------------------------------------------------------------------------------
+
+
+def exported_metadata(config, split: str) -> Optional[Dict[str, Any]]:
+  """The metadata of `split` under config.tokens_dir; None for a validation split that was
+  not exported (the train split must exist)."""
+  try:
+    return tokens_lib.read_metadata(config.tokens_dir, split)
+  except tokens_lib.TokenFormatError as e:
+    missing = not os.path.isfile(os.path.join(config.tokens_dir, split,
+                                              tokens_lib.METADATA_FILE))
+    if split == "validation" and missing:
+      return None
+    raise config_lib.ConfigError(f"config.tokens_dir={config.tokens_dir!r}: {e}") from e
+
+
+def check_exported_tokens(config, first, cond=None) -> Dict[str, Optional[Dict[str, Any]]]:
+  """Checks that the exported splits were made by the frozen checkpoints this config loads
+  (step, codebook, grid, conditioning); returns {split: metadata or None}."""
+  found = {}
+  for split in ("train", "validation"):
+    meta = exported_metadata(config, split)
+    found[split] = meta
+    if meta is None:
+      continue
+    where = os.path.join(config.tokens_dir, split, tokens_lib.METADATA_FILE)
+
+    def mismatch(what, exported, expected, where=where):
+      raise config_lib.ConfigError(
+          f"{where}: the tokens were exported with {what} {exported!r}, but this config "
+          f"uses {expected!r}; re-export them with the same checkpoint(s) and image size")
+
+    record = meta.get("stage1") or {}
+    if record.get("step") != first.step:
+      mismatch(f"stage-1 step (from {record.get('workdir')})", record.get("step"), first.step)
+    if meta["codebook_size"] != first.n_embed:
+      mismatch("a codebook of size", meta["codebook_size"], first.n_embed)
+    grid = list(token_grid(config, first))
+    if meta["grid_shape"] != grid:
+      mismatch("a token grid", meta["grid_shape"],
+               f"{grid} (data.image_size={config.data.image_size})")
+    if config.cond.kind == "spatial":
+      exported_cond = meta.get("cond")
+      if not exported_cond:
+        raise config_lib.ConfigError(
+            f"{where}: spatial conditioning needs condition tokens, but the export has none "
+            "(export with --config.cond_stage... / a conditioning VQGAN)")
+      if exported_cond.get("step") != cond.step or exported_cond.get("codebook_size") != \
+          cond.n_embed:
+        mismatch("a conditioning VQGAN (step, codes)",
+                 (exported_cond.get("step"), exported_cond.get("codebook_size")),
+                 (cond.step, cond.n_embed))
+  return found
+
+
+def train_iterator(config, seed: int):
+  """This process's share of the training stream: exported tokens or images."""
+  kwargs = dict(batch_size=config.batch_size // jax.process_count(), seed=seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if config.tokens_dir:
+    return tokens_lib.make_token_train_iterator(config.tokens_dir, split="train", **kwargs)
+  return data.make_train_iterator(config.data, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -606,7 +686,7 @@ class Stage2Runner:
     return self._init(self.setup.rng)
 
   def select(self, batch, eval_batch: bool = False):
-    keys = self.setup.batch_keys() + (("mask",) if eval_batch else ())
+    keys = self.setup.batch_keys("tokens" in batch) + (("mask",) if eval_batch else ())
     return sharding.global_batch({k: batch[k] for k in keys}, self.mesh)
 
   def train_step(self, state, batch):
@@ -658,18 +738,18 @@ def unigram_cross_entropy_bits(train_counts: np.ndarray, val_counts: np.ndarray,
 def estimate_unigram_counts(config, runner: Stage2Runner, num_batches: int) -> np.ndarray:
   """Code counts of `num_batches` training batches (an iterator of its own, so the
   training iterator is untouched); the train split's unigram token distribution."""
-  it = data.make_train_iterator(
-      config.data, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed + 7919, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  it = train_iterator(config, config.seed + 7919)
   return runner.token_counts(next(it) for _ in range(num_batches))
 
 
-def _eval_batches(config):
-  per_process = config.eval_batch_size // jax.process_count()
-  iterator = data.make_eval_iterator(config.data, batch_size=per_process,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+def _eval_batches(config, from_tokens: bool = False):
+  kwargs = dict(batch_size=config.eval_batch_size // jax.process_count(),
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if from_tokens:
+    iterator = tokens_lib.make_token_eval_iterator(config.tokens_dir, split="validation",
+                                                   **kwargs)
+  else:
+    iterator = data.make_eval_iterator(config.data, **kwargs)
   for i, batch in enumerate(iterator):
     if config.num_eval_batches and i >= config.num_eval_batches:
       break
@@ -847,9 +927,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   first_record = _frozen_record_from(config.first_stage.workdir, first)
   cond_record = (_frozen_record_from(config.cond.cond_stage_workdir, cond)
                  if cond is not None else None)
+  exported = check_exported_tokens(config, first, cond) if config.tokens_dir else {}
+  val_from_tokens = exported.get("validation") is not None
+  if config.tokens_dir and not val_from_tokens:
+    logging.warning("%s has no exported validation split: evaluating on the images of "
+                    "config.data", config.tokens_dir)
   num_classes = resolve_num_classes(config)
-  if config.cond.kind == "class" and config.data.name != "tfds":
-    available = data.dataset_info(config.data)["num_classes"]
+  if config.cond.kind == "class" and (config.data.name != "tfds" or config.tokens_dir):
+    available = available_classes(config)
     if available > num_classes:
       raise config_lib.ConfigError(
           f"config.cond.num_classes={num_classes} but the dataset has {available} classes")
@@ -868,9 +953,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   logging.info("stage 2: %s conditioning, vocab %s, window %s, sequence %d, %d GPT params",
                setup.layout.kind, setup.layout.to_dict()["ranges"], setup.window,
                setup.seq_len, transformer.count_params(runner.abstract_state.params))
-  train_iter = data.make_train_iterator(
-      config.data, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = train_iterator(config, config.seed)
 
   if saved is not None:
     start_step = manager.latest_step()
@@ -880,10 +963,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       # to another process count: start a fresh stream, reseeded by the step.
       logging.warning("%s step %d was written by a different number of processes; arrays "
                       "are resharded and the data stream restarts", workdir, start_step)
-      train_iter = data.make_train_iterator(
-          config.data, batch_size=config.batch_size // jax.process_count(),
-          seed=config.seed + start_step, process_index=jax.process_index(),
-          process_count=jax.process_count())
+      train_iter = train_iterator(config, config.seed + start_step)
     restored = checkpointing.restore(manager, start_step, runner.abstract_state.params,
                                      runner.abstract_state.trainer,
                                      train_iter if same_topology else None)
@@ -903,7 +983,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     train_counts = estimate_unigram_counts(config, runner, config.unigram_batches)
 
   def run_eval(step, state):
-    metrics, val_counts = runner.evaluate(state.params, _eval_batches(config))
+    metrics, val_counts = runner.evaluate(state.params,
+                                          _eval_batches(config, val_from_tokens))
     if train_counts is not None:
       metrics["unigram_entropy_bits"] = unigram_bits(train_counts)
       metrics["val_unigram_bits_per_token"] = unigram_cross_entropy_bits(train_counts,
