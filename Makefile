@@ -4,8 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# The PyTorch reference for tests/test_convert_taming.py, in a venv of its own (its torch
+# pins conflict with the main environment's).
+TAMING_VENV := .venv-taming
+TAMING_STAMP := $(TAMING_VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install taming-reference clean
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
@@ -18,16 +22,24 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $(TEST_STAMP)
 
+$(TAMING_STAMP): requirements-taming.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
+	test -x $(TAMING_VENV)/bin/python || $(PYTHON) -m venv $(TAMING_VENV)
+	$(TAMING_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-taming.txt
+	touch $(TAMING_STAMP)
+
+taming-reference: $(TAMING_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vqgan_jax.demo --workdir runs/demo
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(TAMING_STAMP)
 	$(PY) -m pytest -q tests
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TAMING_VENV) runs
