@@ -14,8 +14,11 @@ Writes, with random weights from a fixed seed:
   class.ckpt / class.yaml            Net2NetTransformer, class-conditional (Labelator)
   spatial.ckpt / spatial.yaml        Net2NetTransformer conditioned on a second VQGAN of
                                      one-hot segmentation maps
+  vqgan_extra_key.ckpt               vqgan.ckpt plus a key no rule maps
   legacy.ckpt                        a small state dict in the pre-1.6 (non-zip) format
-  reference.npz                      inputs and outputs of all of the above
+  probes.pt                          strided, half, bfloat16 and int64 tensors for the reader
+  reference.npz                      inputs and outputs of all of the above (transformers:
+                                     logits of Net2NetTransformer.forward and greedy samples)
 """
 
 import argparse
@@ -129,6 +132,8 @@ def main(out):
               "hparams": argparse.Namespace(note="not code")},
              os.path.join(out, "vqgan.ckpt"))
   save_yaml(cfg_with_disc, os.path.join(out, "vqgan.yaml"))
+  state["encoder.not_in_the_model.weight"] = torch.zeros(3)
+  torch.save({"state_dict": state, "global_step": 1}, os.path.join(out, "vqgan_extra_key.ckpt"))
 
   # ---------------- transformers ----------------
   gpt = {"target": "taming.modules.transformer.mingpt.GPT",
@@ -166,9 +171,11 @@ def main(out):
     with torch.no_grad():
       logits, target = model(x, c)
       _, c_indices = model.encode_to_c(c)
+      greedy = model.sample(target[:, :0], c_indices, steps=target.shape[1], sample=False)
     results[f"{name}_logits"] = logits.numpy()
     results[f"{name}_z_indices"] = target.numpy()
     results[f"{name}_c_indices"] = c_indices.numpy()
+    results[f"{name}_greedy"] = greedy.numpy()
     results[f"{name}_gap"] = nearest_gap(model.first_stage_model, x)
     if name == "spatial":
       results["spatial_cond_gap"] = nearest_gap(model.cond_stage_model, seg)

@@ -1,0 +1,255 @@
+"""Parity of converted taming-transformers checkpoints with the PyTorch reference.
+
+tests/taming_reference.py runs once (module fixture) in the reference venv: it builds tiny
+taming VQModel / Net2NetTransformer models with random weights, saves Lightning-style
+checkpoints with their yaml configs and records the reference outputs. Here (no torch)
+`vqgan_jax.convert_taming` converts them, the workdirs are loaded through the project's
+own loaders (`checkpointing.load_stage1`, `stage2_trainer.load_stage2`) and every output
+is compared: encoder output, code indices, decoder output, discriminator logits, the
+transformer's logits over image codes and greedy samples.
+
+The reference interpreter is $VQGAN_TAMING_PYTHON, else .venv-taming/bin/python (made by
+`make test`, see requirements-taming.txt); without one the tests skip saying so.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from vqgan_jax import checkpointing, convert_taming, sampling, stage1_trainer, stage2_trainer
+from vqgan_jax import torch_checkpoint
+from vqgan_jax.models import vqgan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+
+
+def _reference_python():
+  return os.environ.get("VQGAN_TAMING_PYTHON") or os.path.join(REPO, ".venv-taming", "bin",
+                                                                 "python")
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+  python = _reference_python()
+  if not os.path.exists(python):
+    pytest.skip(f"no taming-transformers reference interpreter at {python} (run `make "
+                "taming-reference` or set VQGAN_TAMING_PYTHON)")
+  out = str(tmp_path_factory.mktemp("taming_ref"))
+  proc = subprocess.run([python, os.path.join(REPO, "tests", "taming_reference.py"), out],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  data = dict(np.load(os.path.join(out, "reference.npz")))
+  data["dir"] = out
+  return data
+
+
+@pytest.fixture(scope="module")
+def converted(ref, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("converted"))
+  dirs = {}
+  for name in ("vqgan", "uncond", "class", "spatial"):
+    dirs[name] = os.path.join(out, name)
+    convert_taming.convert(os.path.join(ref["dir"], f"{name}.ckpt"),
+                           os.path.join(ref["dir"], f"{name}.yaml"), dirs[name])
+  dirs["vqgan_disc"] = os.path.join(out, "vqgan_disc")
+  convert_taming.convert(os.path.join(ref["dir"], "vqgan.ckpt"),
+                         os.path.join(ref["dir"], "vqgan.yaml"), dirs["vqgan_disc"],
+                         keep_discriminator=True)
+  return dirs
+
+
+def nhwc(x):
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def max_diff(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return float(np.max(np.abs(a - b)))
+
+
+def _load_config_file(path):
+  spec = importlib.util.spec_from_file_location("converted_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def test_reader_matches_torch_for_strided_half_bf16_int64(ref):
+  probes = torch_checkpoint.load(os.path.join(ref["dir"], "probes.pt"))["probes"]
+  for name in ("strided", "half", "bf16", "long"):
+    ours = probes[name].numpy()
+    np.testing.assert_array_equal(ours.astype(np.float64) if name == "bf16" else ours,
+                                  ref[f"probe_{name}"])
+  assert probes["half"].numpy().dtype == np.float16
+  assert probes["long"].numpy().dtype == np.int64
+
+
+def test_reader_keeps_unknown_objects_inert_and_names_bad_files(ref, tmp_path):
+  whole = torch_checkpoint.load(os.path.join(ref["dir"], "uncond.ckpt"))
+  assert isinstance(whole["hparams"], torch_checkpoint.Opaque)  # argparse.Namespace
+  assert whole["hparams"].name == "argparse.Namespace"
+  legacy = os.path.join(ref["dir"], "legacy.ckpt")
+  with pytest.raises(torch_checkpoint.TorchCheckpointError, match="legacy.*legacy.ckpt|"
+                     "legacy.ckpt.*legacy"):
+    torch_checkpoint.load(legacy)
+  text = tmp_path / "notes.ckpt"
+  text.write_text("hello")
+  with pytest.raises(torch_checkpoint.TorchCheckpointError, match="notes.ckpt"):
+    torch_checkpoint.load(str(text))
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def test_vqgan_parity_through_load_stage1(ref, converted):
+  frozen = checkpointing.load_stage1(converted["vqgan"])
+  assert frozen.step == 4321 and frozen.n_embed == 64
+  model, variables = frozen.model, {"params": frozen.params}
+  x = nhwc(ref["vq_x"])
+  h = model.apply(variables, x, method=lambda m, x: m.quant_conv(m.encoder(x)))
+  z_q, _, info = model.apply(variables, x, method=vqgan.VQModel.encode)
+  dec = model.apply(variables, z_q, method=vqgan.VQModel.decode)
+  diffs = {"encoder h": max_diff(h, nhwc(ref["vq_h"])),
+           "quantized z": max_diff(z_q, nhwc(ref["vq_quant"])),
+           "decoder output": max_diff(dec, nhwc(ref["vq_dec"]))}
+  print("VQGAN max abs diffs:", diffs)
+  assert max(diffs.values()) < TOL, diffs
+  np.testing.assert_array_equal(np.asarray(info["indices"]).reshape(2, -1), ref["vq_indices"])
+  # The same indices through the API stage 2 and export use.
+  indices = stage2_trainer.encode(model, frozen.params, x)
+  np.testing.assert_array_equal(np.asarray(indices).reshape(2, -1), ref["vq_indices"])
+
+
+def test_vqgan_workdir_config_and_resume_state(converted):
+  workdir = converted["vqgan_disc"]
+  frozen = checkpointing.load_stage1(workdir)
+  config = _load_config_file(os.path.join(workdir, "config.py"))
+  assert checkpointing.config_to_dict(config) == frozen.metadata["config"]
+  assert config.loss.disc_start == 100 and config.loss.disc_num_layers == 2
+  # The trainer's resume path restores every item it needs (fresh optimiser states).
+  setup = stage1_trainer.Stage1Setup(config)
+  abstract = jax.eval_shape(setup.init_state, setup.rng)
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  restored = checkpointing.restore(manager, frozen.step, abstract.g_params, abstract.trainer)
+  assert int(restored["trainer"].step) == 4321
+
+
+def test_discriminator_parity_when_kept(ref, converted):
+  manager = checkpointing.make_manager(converted["vqgan_disc"], read_only=True)
+  config = checkpointing.load_stage1(converted["vqgan_disc"]).config
+  setup = stage1_trainer.Stage1Setup(config)
+  abstract = jax.eval_shape(setup.init_state, setup.rng)
+  trainer = checkpointing.restore(manager, 4321, abstract.g_params, abstract.trainer)["trainer"]
+  logits = setup.disc.apply({"params": trainer.d_params, "batch_stats": trainer.d_batch_stats},
+                            nhwc(ref["vq_x"]), train=False)
+  diff = max_diff(logits, nhwc(ref["disc_logits"]))
+  print("discriminator max abs diff:", diff)
+  assert diff < TOL
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def _condition(loaded, ref, name, x):
+  layout, b = loaded.layout, x.shape[0]
+  if name == "uncond":
+    return stage2_trainer.condition_tokens(layout, b), None
+  if name == "class":
+    return stage2_trainer.condition_tokens(layout, b, labels=ref["labels"]), None
+  cond = loaded.cond_stage
+  codes = stage2_trainer.encode(cond.model, cond.params, nhwc(ref["segmentation"]))
+  return stage2_trainer.condition_tokens(layout, b, cond_codes=codes), codes
+
+
+@pytest.mark.parametrize("name", ["uncond", "class", "spatial"])
+def test_transformer_parity_through_load_stage2(ref, converted, name):
+  loaded = stage2_trainer.load_stage2(converted[name])
+  layout, first = loaded.layout, loaded.first_stage
+  x = nhwc(ref["vq_x"])
+  image = np.asarray(stage2_trainer.encode(first.model, first.params, x)).reshape(2, -1)
+  np.testing.assert_array_equal(image, ref[f"{name}_z_indices"])
+  prefix, cond_codes = _condition(loaded, ref, name, x)
+  if cond_codes is not None:
+    np.testing.assert_array_equal(np.asarray(cond_codes).reshape(2, -1), ref[f"{name}_c_indices"])
+  p = prefix.shape[1]
+  assert p == loaded.prefix_len
+  seq = jnp.concatenate([prefix, jnp.asarray(image, jnp.int32)], axis=1)
+  logits = loaded.model.apply({"params": loaded.params}, seq[:, :-1])
+  ours = np.asarray(logits[:, p - 1:, :layout.n_codes])
+  diff = max_diff(ours, ref[f"{name}_logits"][..., :layout.n_codes])
+  print(f"{name} transformer logits max abs diff:", diff)
+  assert diff < TOL
+  greedy = sampling.sample({"params": loaded.params}, loaded.model, prefix, image.shape[1],
+                           jax.random.PRNGKey(0), temperature=0.0,
+                           num_image_codes=layout.n_codes)
+  np.testing.assert_array_equal(np.asarray(greedy), ref[f"{name}_greedy"])
+
+
+def test_transformer_workdir_config_vocab_and_resume_state(converted):
+  workdir = converted["class"]
+  loaded = stage2_trainer.load_stage2(workdir)
+  assert loaded.step == 4321 and loaded.layout.num_classes == 10
+  assert loaded.layout.range("class") == (64, 74)
+  config = _load_config_file(os.path.join(workdir, "config.py"))
+  assert checkpointing.config_to_dict(config) == loaded.metadata["config"]
+  assert config.first_stage.workdir == os.path.join(workdir, "first_stage")
+  setup = stage2_trainer.Stage2Setup(config, loaded.first_stage, None)
+  assert setup.layout == loaded.layout
+  abstract = jax.eval_shape(setup.init_state, setup.rng)
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  restored = checkpointing.restore(manager, 4321, abstract.params, abstract.trainer)
+  assert int(restored["trainer"].step) == 4321
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _no_leftovers(parent, name):
+  return [n for n in os.listdir(parent) if n.startswith(name)]
+
+
+def test_bad_inputs_fail_naming_the_file_or_key_and_write_nothing(ref, tmp_path):
+  d = ref["dir"]
+  out = str(tmp_path / "out")
+  with pytest.raises(convert_taming.ConversionError, match="missing.ckpt"):
+    convert_taming.convert(os.path.join(d, "missing.ckpt"), os.path.join(d, "vqgan.yaml"), out)
+  with pytest.raises(convert_taming.ConversionError, match="vqgan.yaml"):
+    convert_taming.convert(os.path.join(d, "vqgan.yaml"), os.path.join(d, "vqgan.yaml"), out)
+  with pytest.raises(convert_taming.ConversionError, match="encoder.not_in_the_model.weight"):
+    convert_taming.convert(os.path.join(d, "vqgan_extra_key.ckpt"),
+                           os.path.join(d, "vqgan.yaml"), out)
+  with open(os.path.join(d, "vqgan.yaml")) as f:
+    doc = yaml.safe_load(f)
+  doc["model"]["params"]["n_embed"] = 32
+  small = tmp_path / "small.yaml"
+  small.write_text(yaml.safe_dump(doc))
+  with pytest.raises(convert_taming.ConversionError,
+                     match=r"quantize.embedding.weight: checkpoint \(64, 8\).*\(32, 8\)"):
+    convert_taming.convert(os.path.join(d, "vqgan.ckpt"), str(small), out)
+  doc["model"]["target"] = "taming.models.vqgan.GumbelVQ"
+  other = tmp_path / "gumbel.yaml"
+  other.write_text(yaml.safe_dump(doc))
+  with pytest.raises(convert_taming.ConversionError, match="GumbelVQ"):
+    convert_taming.convert(os.path.join(d, "vqgan.ckpt"), str(other), out)
+  assert not _no_leftovers(str(tmp_path), "out")
+  os.makedirs(out)
+  (tmp_path / "out" / "keep.txt").write_text("x")
+  with pytest.raises(convert_taming.ConversionError, match="not empty.*--overwrite"):
+    convert_taming.convert(os.path.join(d, "vqgan.ckpt"), os.path.join(d, "vqgan.yaml"), out)
+  assert os.listdir(out) == ["keep.txt"]
+  assert convert_taming.main(["--ckpt", os.path.join(d, "legacy.ckpt"), "--config",
+                              os.path.join(d, "vqgan.yaml"), "--output", out]) == 1
+  assert os.listdir(out) == ["keep.txt"]
+  assert sorted(_no_leftovers(str(tmp_path), "out")) == ["out"]
