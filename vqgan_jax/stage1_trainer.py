@@ -16,18 +16,16 @@ passes through the whole decoder.
 import functools
 import logging
 import os
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_utils
+from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop, train_utils
 from vqgan_jax.models import discriminator as discriminator_lib
 from vqgan_jax.models import vqgan
 
@@ -410,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0 and is_main:
-    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    writer.write_hparams(train_loop.flat_config(config))
 
   def save_checkpoint(step, state, force=False):
     meta = checkpointing.stage1_metadata(config, step)
@@ -427,82 +425,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       writer.write_images(step, {"val_reconstructions": grid[None]})
     return metrics
 
-  window = train_utils.MetricWindow()
   code_counts = np.zeros((config.model.n_embed,), np.int64)
-  last_eval: Dict[str, float] = {}
-  if start_step == 0 and config.num_train_steps > 0:
-    last_eval = run_eval(0, state)
-  step = start_step
-  log_start = time.time()
-  try:
-    with train_utils.PreemptionWatcher() as preemption:
-      while step < config.num_train_steps:
-        batch = sharding.global_batch(next(train_iter), mesh)
-        state, metrics = runner.train_step(state, batch, step)
-        step += 1
-        window.add(step, metrics)
-        at_log = step % config.log_every_steps == 0 or step == config.num_train_steps
-        if at_log:
-          steps, fetched, elapsed = window.fetch()
-          _handle_nonfinite(config, steps, fetched)
-          # Losses are written per step (fetched together once per window), so a run that
-          # was interrupted and resumed logs exactly what an uninterrupted run logs.
-          for s, m in zip(steps, fetched):
-            writer.write_scalars(s, train_utils.mean_scalars([m]))
-          for m in fetched:
-            code_counts += np.asarray(m["code_counts"], np.int64)
-          scalars = code_statistics(code_counts, prefix="train_")
-          code_counts[:] = 0
-          scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
-          scalars["learning_rate"] = learning_rate(config)
-          scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
-          writer.write_scalars(step, scalars)
-          eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
-          logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
-                       scalars["steps_per_sec"], train_utils.format_eta(eta))
-        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-          last_eval = run_eval(step, state)
-        stop = train_utils.any_process_requested(preemption.requested)
-        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
-          _handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
-          save_checkpoint(step, state, force=stop)
-        if stop:
-          logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
-          break
-  except BaseException:
-    # Let finished steps' checkpoints land before the error propagates.
-    checkpointing.wait_quietly(manager)
-    raise
-  checkpointing.guarded_wait(manager, workdir)
-  if step < config.num_train_steps:  # stopped by a signal, checkpoint written
-    writer.flush()
-    raise train_utils.Preempted(step)
-  if not last_eval:  # e.g. resumed a finished run: still report where it stands
-    last_eval = run_eval(step, state)
-  writer.flush()
-  logging.info("Finished at step %d in %.1fs", step, time.time() - log_start)
+
+  def step_fn(state, batch, step):
+    return runner.train_step(state, sharding.global_batch(batch, mesh), step)
+
+  def window_scalars(step, fetched, state):
+    del step, state
+    for m in fetched:
+      code_counts[:] += np.asarray(m["code_counts"], np.int64)
+    scalars = code_statistics(code_counts, prefix="train_")
+    code_counts[:] = 0
+    scalars["learning_rate"] = learning_rate(config)
+    return scalars
+
+  _, last_eval = train_loop.run(
+      config, workdir=workdir, manager=manager, writer=writer, state=state,
+      start_step=start_step, train_step=step_fn, train_iter=train_iter, run_eval=run_eval,
+      save_checkpoint=save_checkpoint, window_scalars=window_scalars)
   return last_eval
-
-
-def _handle_nonfinite(config, steps, fetched):
-  bad = train_utils.first_nonfinite(steps, fetched)
-  if bad is None:
-    return
-  bad_step, metric = bad
-  if config.nonfinite_policy == "error":
-    raise train_utils.NonFiniteError(
-        f"non-finite {metric} at step {bad_step}; the update was not applied and no checkpoint "
-        "holds it (set config.nonfinite_policy='skip' to skip such steps)")
-  logging.warning("Skipped the update of step %d: non-finite %s", bad_step, metric)
-
-
-def _flat_config(config, prefix=""):
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flat_config(value, f"{prefix}{key}."))
-    elif isinstance(value, (int, float, str, bool)):
-      flat[f"{prefix}{key}"] = value
-    else:
-      flat[f"{prefix}{key}"] = str(value)
-  return flat

@@ -46,7 +46,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax
@@ -57,7 +56,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_utils
+from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop
 from vqgan_jax import stage1_trainer
 from vqgan_jax import tokens as tokens_lib
 from vqgan_jax.models import transformer
@@ -976,7 +975,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0 and is_main:
-    writer.write_hparams(stage1_trainer._flat_config(config))  # pylint: disable=protected-access
+    writer.write_hparams(train_loop.flat_config(config))
 
   train_counts = None
   if config.unigram_batches > 0:
@@ -998,55 +997,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     checkpointing.guarded_save(manager, workdir, step, state.params, state.trainer, meta,
                                train_iter, force=force)
 
-  window = train_utils.MetricWindow()
-  last_eval: Dict[str, float] = {}
-  if start_step == 0 and config.num_train_steps > 0:
-    last_eval = run_eval(0, state)
-  step = start_step
-  t0 = time.time()
-  try:
-    with train_utils.PreemptionWatcher() as preemption:
-      while step < config.num_train_steps:
-        state, metrics = runner.train_step(state, next(train_iter))
-        step += 1
-        window.add(step, metrics)
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-          steps, fetched, elapsed = window.fetch()
-          stage1_trainer._handle_nonfinite(config, steps, fetched)  # pylint: disable=protected-access
-          # Per-step losses (fetched once per window): a resumed run logs what an
-          # uninterrupted one logs.
-          for logged_step, m in zip(steps, fetched):
-            writer.write_scalars(logged_step, train_utils.mean_scalars([m]))
-          loss = float(np.mean([m["loss"] for m in fetched]))
-          scalars = {"steps_per_sec": len(steps) / max(elapsed, 1e-9),
-                     "learning_rate": lr_at(config, step),
-                     "nonfinite_steps": float(jax.device_get(state.trainer.nonfinite_steps))}
-          writer.write_scalars(step, scalars)
-          eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
-          logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step,
-                       config.num_train_steps, loss, scalars["steps_per_sec"],
-                       train_utils.format_eta(eta))
-        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-          last_eval = run_eval(step, state)
-        stop = train_utils.any_process_requested(preemption.requested)
-        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps or stop:
-          stage1_trainer._handle_nonfinite(config, *window.peek())  # pylint: disable=protected-access
-          save_checkpoint(step, state, force=stop)
-        if stop:
-          logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
-          break
-  except BaseException:
-    # Let finished steps' checkpoints land before the error propagates.
-    checkpointing.wait_quietly(manager)
-    raise
-  checkpointing.guarded_wait(manager, workdir)
-  if step < config.num_train_steps:  # stopped by a signal, checkpoint written
-    writer.flush()
-    raise train_utils.Preempted(step)
-  if not last_eval:  # e.g. resumed a finished run: still report where it stands
-    last_eval = run_eval(step, state)
-  writer.flush()
-  logging.info("Finished at step %d in %.1fs", step, time.time() - t0)
+  def window_scalars(step, fetched, state):
+    del fetched, state
+    return {"learning_rate": lr_at(config, step)}
+
+  _, last_eval = train_loop.run(
+      config, workdir=workdir, manager=manager, writer=writer, state=state,
+      start_step=start_step, train_step=lambda state, batch, _: runner.train_step(state, batch),
+      train_iter=train_iter, run_eval=run_eval, save_checkpoint=save_checkpoint,
+      window_scalars=window_scalars, log_keys=("loss",))
   return last_eval
 
 

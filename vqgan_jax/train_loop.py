@@ -1,0 +1,119 @@
+"""The training loop both trainers share: steps, logging windows, evaluation, checkpoints,
+non-finite checks and preemption.
+
+`run` owns the order of events within a step, which is what exact resume relies on:
+
+  1. train step (dispatched, not waited for),
+  2. every `log_every_steps` (and at the last step): fetch the window's metrics in one
+     transfer, check them for non-finite values (config.nonfinite_policy), write each
+     step's scalars (so a resumed run logs what an uninterrupted one logs), then the
+     window's scalars from `window_scalars`,
+  3. every `eval_every_steps` (and at the last step): `run_eval`,
+  4. every `checkpoint_every_steps`, at the last step, or when any process got SIGTERM:
+     check the unfetched steps, then `save_checkpoint` (forced on a signal),
+  5. on a signal: stop; the caller's `Preempted` (SystemExit 0) follows.
+
+Pending asynchronous checkpoint writes are waited for on every exit path.
+"""
+
+import logging
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from vqgan_jax import checkpointing, train_utils
+
+Metrics = Dict[str, Any]
+
+
+def handle_nonfinite(config, steps: Sequence[int], fetched: Sequence[Metrics]) -> None:
+  """Raises NonFiniteError (policy 'error') or logs the skipped step (policy 'skip')."""
+  bad = train_utils.first_nonfinite(steps, fetched)
+  if bad is None:
+    return
+  bad_step, metric = bad
+  if config.nonfinite_policy == "error":
+    raise train_utils.NonFiniteError(
+        f"non-finite {metric} at step {bad_step}; the update was not applied and no checkpoint "
+        "holds it (set config.nonfinite_policy='skip' to skip such steps)")
+  logging.warning("Skipped the update of step %d: non-finite %s", bad_step, metric)
+
+
+def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> Dict[str, Any]:
+  """{'a.b.c': value} of a nested config, for TensorBoard hparams."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flat_config(value, f"{prefix}{key}."))
+    elif isinstance(value, (int, float, str, bool)):
+      flat[f"{prefix}{key}"] = value
+    else:
+      flat[f"{prefix}{key}"] = str(value)
+  return flat
+
+
+def run(config, *, workdir: str, manager, writer, state, start_step: int,
+        train_step: Callable[[Any, Any, int], Tuple[Any, Metrics]],
+        train_iter: Iterator[Any],
+        run_eval: Callable[[int, Any], Dict[str, float]],
+        save_checkpoint: Callable[[int, Any, bool], Any],
+        window_scalars: Optional[Callable[[int, Sequence[Metrics], Any], Dict[str, float]]] = None,
+        log_keys: Sequence[str] = ()) -> Tuple[Any, Dict[str, float]]:
+  """Trains from `start_step` to config.num_train_steps; returns (state, last eval metrics).
+
+  train_step(state, batch, step) -> (state, metrics): `step` is the index of the step being
+  run (0-based). window_scalars(step, fetched, state) -> extra scalars written at each log
+  step. `log_keys`: metrics whose window mean goes into the progress line.
+  """
+  window = train_utils.MetricWindow()
+  last_eval: Dict[str, float] = {}
+  if start_step == 0 and config.num_train_steps > 0:
+    last_eval = run_eval(0, state)
+  step = start_step
+  t0 = time.time()
+  try:
+    with train_utils.PreemptionWatcher() as preemption:
+      while step < config.num_train_steps:
+        state, metrics = train_step(state, next(train_iter), step)
+        step += 1
+        window.add(step, metrics)
+        last = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or last:
+          steps, fetched, elapsed = window.fetch()
+          handle_nonfinite(config, steps, fetched)
+          for logged_step, m in zip(steps, fetched):
+            writer.write_scalars(logged_step, train_utils.mean_scalars([m]))
+          scalars = dict(window_scalars(step, fetched, state)) if window_scalars else {}
+          scalars["steps_per_sec"] = len(steps) / max(elapsed, 1e-9)
+          scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
+          writer.write_scalars(step, scalars)
+          eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+          means = "".join(f"  {k} {np.mean([float(m[k]) for m in fetched]):.4f}"
+                          for k in log_keys)
+          logging.info("step %d/%d%s  %.2f steps/s  ETA %s", step, config.num_train_steps,
+                       means, scalars["steps_per_sec"], train_utils.format_eta(eta))
+        if step % config.eval_every_steps == 0 or last:
+          last_eval = run_eval(step, state)
+        stop = train_utils.any_process_requested(preemption.requested)
+        if step % config.checkpoint_every_steps == 0 or last or stop:
+          handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
+          save_checkpoint(step, state, stop)
+        if stop:
+          logging.warning("Stopped by signal at step %d; checkpoint saved.", step)
+          break
+  except BaseException:
+    # Let finished steps' checkpoints land before the error propagates.
+    checkpointing.wait_quietly(manager)
+    raise
+  checkpointing.guarded_wait(manager, workdir)
+  if step < config.num_train_steps:  # stopped by a signal, checkpoint written
+    writer.flush()
+    raise train_utils.Preempted(step)
+  if not last_eval:  # e.g. resumed a finished run: still report where it stands
+    last_eval = run_eval(step, state)
+  writer.flush()
+  logging.info("Finished at step %d in %.1fs", step, time.time() - t0)
+  return state, last_eval
