@@ -12,7 +12,7 @@ Every kernel has the same four operations:
 
 Kernels:
   SoftmaxAttention  scaled dot-product attention (scale D^-0.5, as minGPT). The cache holds
-                    the keys and values, (B, max_length, H, D).
+                    the keys and values head-major, (B, H, max_length, D).
   LinearAttention   causal linear attention (Katharopoulos et al. 2020) with the feature map
                     phi(x) = elu(x) + 1:
                       out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
@@ -40,22 +40,31 @@ Cache = Dict[str, jax.Array]
 # --------------------------------------------------------------------------------------
 
 
-def _masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                              q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-  """Attention of q (B, Tq, H, D) over k/v (B, Tk, H, D) where key j is visible to query i
-  iff k_positions[j] <= q_positions[i]."""
-  mask = k_positions[None, :] <= q_positions[:, None]  # (Tq, Tk)
-  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                      mask=mask[None, None])
+def _cached_softmax_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                              q_positions: jax.Array) -> jax.Array:
+  """Attention of q (B, Tq, H, D) over a cache keys/values (B, H, L, D) whose slot j holds
+  position j; slot j is visible to query i iff j <= q_positions[i].
+
+  The cache is kept head-major so that both products contract it in place: a
+  (B, L, H, D) cache would be transposed in full (L x H x D per layer) at every decoding
+  step, which made a step at position 4096 4.5x as slow as one at 256.
+  """
+  scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32)).astype(q.dtype)
+  scores = jnp.einsum("bqhd,bhkd->bhqk", q * scale, keys.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  mask = jnp.arange(keys.shape[2])[None, :] <= q_positions[:, None]  # (Tq, L)
+  scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bhqk,bhkd->bqhd", probs, values.astype(q.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxAttention:
-  """Causal softmax attention with a key/value cache."""
+  """Causal softmax attention with a key/value cache (head-major: (B, H, L, D))."""
 
   def init_cache(self, batch_size: int, max_length: int, n_head: int, head_dim: int,
                  dtype: Any = jnp.float32) -> Cache:
-    shape = (batch_size, max_length, n_head, head_dim)
+    shape = (batch_size, n_head, max_length, head_dim)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
   def parallel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -65,14 +74,13 @@ class SoftmaxAttention:
               start: jax.Array) -> Tuple[jax.Array, Cache]:
     t = q.shape[1]
     # Writing at a traced offset; out-of-range offsets are clamped by dynamic_update_slice,
-    # so callers must keep start + T <= max_length.
-    keys = lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), start, 1)
-    values = lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
-                                             start, 1)
+    # so callers must keep start + T <= max_length. Only the T new rows are transposed.
+    keys = lax.dynamic_update_slice_in_dim(
+        cache["key"], k.astype(cache["key"].dtype).transpose(0, 2, 1, 3), start, 2)
+    values = lax.dynamic_update_slice_in_dim(
+        cache["value"], v.astype(cache["value"].dtype).transpose(0, 2, 1, 3), start, 2)
     # Attend over the whole buffer; slots beyond the last written position are masked out.
-    q_pos = start + jnp.arange(t)
-    k_pos = jnp.arange(keys.shape[1])
-    out = _masked_softmax_attention(q, keys, values, q_pos, k_pos)
+    out = _cached_softmax_attention(q, keys, values, start + jnp.arange(t))
     return out, {"key": keys, "value": values}
 
   def step(self, q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array,

@@ -216,7 +216,7 @@ class GPT(nn.Module):
 
   def init_cache(self, batch_size: int, max_length: Optional[int] = None) -> Dict[str, Any]:
     """Empty cache for `batch_size` sequences of up to `max_length` (default block_size)
-    positions. Softmax layers: {"key","value"} (B, max_length, H, D) in `dtype`; linear
+    positions. Softmax layers: {"key","value"} (B, H, max_length, D) in `dtype`; linear
     layers: {"S"} (B, H, D, D) and {"z"} (B, H, D) in float32."""
     kernel = get_attention(self.attention, self.linear_chunk_size)
     max_length = self.block_size if max_length is None else max_length
