@@ -26,7 +26,6 @@ import yaml
 
 from vqgan_jax import checkpointing, convert_taming, sampling, stage1_trainer, stage2_trainer
 from vqgan_jax import torch_checkpoint
-from vqgan_jax.models import vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -59,11 +58,8 @@ def converted(ref, tmp_path_factory):
   for name in ("vqgan", "uncond", "class", "spatial"):
     dirs[name] = os.path.join(out, name)
     convert_taming.convert(os.path.join(ref["dir"], f"{name}.ckpt"),
-                           os.path.join(ref["dir"], f"{name}.yaml"), dirs[name])
-  dirs["vqgan_disc"] = os.path.join(out, "vqgan_disc")
-  convert_taming.convert(os.path.join(ref["dir"], "vqgan.ckpt"),
-                         os.path.join(ref["dir"], "vqgan.yaml"), dirs["vqgan_disc"],
-                         keep_discriminator=True)
+                           os.path.join(ref["dir"], f"{name}.yaml"), dirs[name],
+                           keep_discriminator=name == "vqgan")
   return dirs
 
 
@@ -75,6 +71,11 @@ def max_diff(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   assert a.shape == b.shape, (a.shape, b.shape)
   return float(np.max(np.abs(a - b)))
+
+
+def encode(frozen, x):
+  """Code indices of x under a restored VQGAN, jitted (one compile, not one per op)."""
+  return jax.jit(lambda p, x: stage2_trainer.encode(frozen.model, p, x))(frozen.params, x)
 
 
 def _load_config_file(path):
@@ -134,11 +135,28 @@ def test_reader_never_runs_code_from_the_file(tmp_path):
   assert loaded["x"].name in ("posix.system", "os.system")
 
 
+def test_kept_lpips_layers_must_equal_the_packaged_ones():
+  """Needs no torch: LPIPS linear layers in the reference layout (1, C, 1, 1)."""
+  from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
+  packaged = lpips.load_lpips_params()
+  state = {f"lin{i}.model.1.weight": np.asarray(packaged[f"lin_{i}"]["kernel"]).transpose(3, 2, 0, 1)
+           for i in range(5)}
+  state["net.slice1.0.weight"] = np.zeros((64, 3, 3, 3), np.float32)
+  dropped = {}
+  convert_taming._check_lpips(state, "x.ckpt", "loss.", dropped)  # pylint: disable=protected-access
+  assert len(dropped) == 6
+  state["lin2.model.1.weight"] = state["lin2.model.1.weight"] + 1e-3
+  with pytest.raises(convert_taming.ConversionError, match="lin2.model.1.weight.*differs"):
+    convert_taming._check_lpips(state, "x.ckpt", "loss.", {})  # pylint: disable=protected-access
+  with pytest.raises(convert_taming.ConversionError, match="loss.perceptual_loss.extra"):
+    convert_taming._check_lpips({"extra": np.zeros(1)}, "x.ckpt", "loss.", {})  # pylint: disable=protected-access
+
+
 # ----------------------------------------------------------------------------- stage 1
 
 
 def test_vqgan_parity_through_load_stage1(ref, converted):
-  frozen = checkpointing.load_stage1(converted["vqgan"])
+  frozen = checkpointing.load_stage1(converted["vqgan"])  # converted keeping the discriminator
   assert frozen.step == 4321 and frozen.n_embed == 64
 
   @jax.jit
@@ -158,7 +176,7 @@ def test_vqgan_parity_through_load_stage1(ref, converted):
 
 
 def test_kept_discriminator_parity_config_file_and_resume_state(ref, converted):
-  workdir = converted["vqgan_disc"]
+  workdir = converted["vqgan"]
   frozen = checkpointing.load_stage1(workdir)
   config = _load_config_file(os.path.join(workdir, "config.py"))
   assert checkpointing.config_to_dict(config) == frozen.metadata["config"]
@@ -170,14 +188,25 @@ def test_kept_discriminator_parity_config_file_and_resume_state(ref, converted):
   restored = checkpointing.restore(manager, frozen.step, abstract.g_params, abstract.trainer)
   trainer = restored["trainer"]
   assert int(trainer.step) == 4321
-  logits = setup.disc.apply({"params": trainer.d_params, "batch_stats": trainer.d_batch_stats},
-                            nhwc(ref["vq_x"]), train=False)
+  logits = jax.jit(lambda v, x: setup.disc.apply(v, x, train=False))(
+      {"params": trainer.d_params, "batch_stats": trainer.d_batch_stats}, nhwc(ref["vq_x"]))
   diff = max_diff(logits, nhwc(ref["disc_logits"]))
   print("discriminator max abs diff:", diff)
   assert diff < TOL
-  # Without --keep_discriminator the loss.* keys are dropped: a fresh discriminator.
-  plain = checkpointing.load_stage1(converted["vqgan"]).metadata
-  assert plain["converted_from"]["global_step"] == 4321
+  assert frozen.metadata["converted_from"]["global_step"] == 4321
+
+
+def test_without_keep_discriminator_the_loss_keys_are_dropped(ref):
+  path = os.path.join(ref["dir"], "vqgan.ckpt")
+  state, rest = torch_checkpoint.load_state_dict(path)
+  assert rest["global_step"] == 4321 and isinstance(rest["hparams"], torch_checkpoint.Opaque)
+  model = convert_taming.read_yaml(os.path.join(ref["dir"], "vqgan.yaml"))
+  config = convert_taming.vqgan_config(model, "vqgan.yaml")
+  params, disc, dropped = convert_taming.convert_vqgan(state, "", config, path)
+  assert disc is None
+  assert sorted(dropped) == sorted(k for k in state if k.startswith("loss."))
+  assert len(dropped) == 16  # 2-layer PatchGAN: 3 convs + 2 BatchNorms (5 entries each)
+  assert params["quantize"]["embedding"].shape == (64, 8)
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -190,7 +219,7 @@ def _condition(loaded, ref, name, x):
   if name == "class":
     return stage2_trainer.condition_tokens(layout, b, labels=ref["labels"]), None
   cond = loaded.cond_stage
-  codes = stage2_trainer.encode(cond.model, cond.params, nhwc(ref["segmentation"]))
+  codes = encode(cond, nhwc(ref["segmentation"]))
   return stage2_trainer.condition_tokens(layout, b, cond_codes=codes), codes
 
 
@@ -199,7 +228,7 @@ def test_transformer_parity_through_load_stage2(ref, converted, name):
   loaded = stage2_trainer.load_stage2(converted[name])
   layout, first = loaded.layout, loaded.first_stage
   x = nhwc(ref["vq_x"])
-  image = np.asarray(stage2_trainer.encode(first.model, first.params, x)).reshape(2, -1)
+  image = np.asarray(encode(first, x)).reshape(2, -1)
   np.testing.assert_array_equal(image, ref[f"{name}_z_indices"])
   prefix, cond_codes = _condition(loaded, ref, name, x)
   if cond_codes is not None:
@@ -207,7 +236,7 @@ def test_transformer_parity_through_load_stage2(ref, converted, name):
   p = prefix.shape[1]
   assert p == loaded.prefix_len
   seq = jnp.concatenate([prefix, jnp.asarray(image, jnp.int32)], axis=1)
-  logits = loaded.model.apply({"params": loaded.params}, seq[:, :-1])
+  logits = jax.jit(loaded.model.apply)({"params": loaded.params}, seq[:, :-1])
   ours = np.asarray(logits[:, p - 1:, :layout.n_codes])
   diff = max_diff(ours, ref[f"{name}_logits"][..., :layout.n_codes])
   print(f"{name} transformer logits max abs diff:", diff)
@@ -273,4 +302,8 @@ def test_bad_inputs_fail_naming_the_file_or_key_and_write_nothing(ref, tmp_path)
   assert convert_taming.main(["--ckpt", os.path.join(d, "legacy.ckpt"), "--config",
                               os.path.join(d, "vqgan.yaml"), "--output", out]) == 1
   assert os.listdir(out) == ["keep.txt"]
+  assert sorted(_no_leftovers(str(tmp_path), "out")) == ["out"]
+  convert_taming.convert(os.path.join(d, "vqgan.ckpt"), os.path.join(d, "vqgan.yaml"), out,
+                         overwrite=True)
+  assert sorted(os.listdir(out)) == ["checkpoints", "config.py"]
   assert sorted(_no_leftovers(str(tmp_path), "out")) == ["out"]

@@ -45,7 +45,7 @@ import shutil
 import sys
 import tempfile
 import types
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -572,6 +572,27 @@ def _write_checkpoint(workdir: str, step: int, params, trainer, metadata) -> Non
   manager.close()
 
 
+def _fresh_opt_state(tx, params):
+  """tx.init(params) for Adam/AdamW (+ clipping), whose initial states are all zeros (step
+  counts and moments), built without compiling anything."""
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+
+
+def _fresh_discriminator(model, in_channels: int, seed: int):
+  """A newly initialised discriminator, as `model.init` would draw it (conv kernels
+  N(0, 0.02), norm scales N(1, 0.02), zero biases, BatchNorm statistics 0 / 1), filled
+  with numpy: XLA's CPU compile of the discriminator's forward pass takes seconds."""
+  x = jnp.zeros((1, 32, 32, in_channels))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  rng = np.random.default_rng(seed)
+  draw = {"kernel": lambda s: rng.normal(0.0, 0.02, s), "scale": lambda s: rng.normal(1.0, 0.02, s),
+          "bias": np.zeros, "mean": np.zeros, "var": np.ones}
+  flat = traverse_util.flatten_dict(abstract)
+  return traverse_util.unflatten_dict(
+      {k: draw[k[-1]](v.shape).astype(v.dtype) for k, v in flat.items()})
+
+
 def write_stage1(workdir: str, final_workdir: str, config, params, step: int, disc,
                  source: Dict[str, Any]) -> Dict[str, Any]:
   """A stage-1 workdir: checkpoint (model, fresh optimiser states, discriminator) +
@@ -579,15 +600,14 @@ def write_stage1(workdir: str, final_workdir: str, config, params, step: int, di
   from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
   setup = stage1_trainer.Stage1Setup(config)
   if disc is None:
-    x = jnp.zeros((1, 32, 32, config.model.in_channels))
-    disc = setup.disc.init(jax.random.PRNGKey(config.seed), x, train=False)
+    disc = _fresh_discriminator(setup.disc, config.model.in_channels, config.seed)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   d_params = jax.tree_util.tree_map(jnp.asarray, disc["params"])
   trainer = stage1_trainer.TrainerState(
-      step=jnp.asarray(step, jnp.int32), g_opt_state=setup.g_tx.init(params),
+      step=jnp.asarray(step, jnp.int32), g_opt_state=_fresh_opt_state(setup.g_tx, params),
       d_params=d_params,
       d_batch_stats=jax.tree_util.tree_map(jnp.asarray, disc.get("batch_stats", {})),
-      d_opt_state=setup.d_tx.init(d_params),
+      d_opt_state=_fresh_opt_state(setup.d_tx, d_params),
       code_usage_ema=jnp.full((config.model.n_embed,), 1.0, jnp.float32),
       nonfinite_steps=jnp.zeros((), jnp.int32))
   metadata = checkpointing.stage1_metadata(config, step)
@@ -614,7 +634,7 @@ def write_stage2(workdir: str, final_workdir: str, config, layout, prefix: int, 
   params = jax.tree_util.tree_map(jnp.asarray, params)
   trainer = stage2_trainer.TrainerState(
       step=jnp.asarray(step, jnp.int32),
-      opt_state=stage2_trainer.make_optimizer(config).init(params),
+      opt_state=_fresh_opt_state(stage2_trainer.make_optimizer(config), params),
       nonfinite_steps=jnp.zeros((), jnp.int32))
   _write_checkpoint(workdir, step, params, trainer, metadata)
   header = (f"vqgan_jax stage-2 config converted from taming-transformers' "
@@ -668,12 +688,12 @@ def convert(ckpt: str, config_path: str, output: str, *, keep_discriminator: boo
     state, rest = torch_checkpoint.load_state_dict(ckpt, reader)
   except torch_checkpoint.TorchCheckpointError as e:
     raise ConversionError(str(e)) from e
+  global_step = rest.get("global_step")
+  global_step = int(global_step) if isinstance(global_step, (int, np.integer)) else None
   if step is None or step < 0:
-    step = int(rest.get("global_step", 0) or 0) if isinstance(rest.get("global_step", 0),
-                                                               (int, np.integer)) else 0
+    step = global_step or 0
   source = {"ckpt": os.path.abspath(ckpt), "config": os.path.abspath(config_path),
-            "target": model["target"], "global_step": rest.get("global_step")
-            if isinstance(rest.get("global_step"), int) else None}
+            "target": model["target"], "global_step": global_step}
   base_lr = model.get("base_learning_rate")
   where = f"{ckpt} ({config_path})"
   if model["target"] == VQMODEL:
@@ -716,8 +736,7 @@ def convert(ckpt: str, config_path: str, output: str, *, keep_discriminator: boo
       plan.append(("cond_stage", cond, cond_params, None, 0))
     summary = {"kind": "transformer", "cond_kind": spec.kind, "workdir": output,
                "first_stage": first_dir, "cond_stage": cond_dir if cond else None,
-               "vocab": layout.to_dict(),
-               "reference_ids": {"start": spec.sos_token} if spec.kind == "none" else {}}
+               "vocab": layout.to_dict(), "reference_sos_token": spec.sos_token}
   else:
     raise ConversionError(f"{config_path}: model target {model['target']!r} is not supported "
                           f"(known: {VQMODEL}, {NET2NET})")
