@@ -90,6 +90,38 @@ def stub_torchvision():
   sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
 
 
+def check_readers(out):
+  """Both readers of vqgan_jax.torch_checkpoint (numpy only: importable here without jax)
+  against torch's own loading of every saved state dict: the largest difference, and
+  whether key sets, shapes and dtypes agree (and the torch reader's refusal is explained)."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from vqgan_jax import torch_checkpoint  # pylint: disable=g-import-not-at-top
+  worst, same_keys = {"numpy": 0.0, "torch": 0.0}, True
+  for name in ("vqgan", "uncond", "class", "spatial"):
+    path = os.path.join(out, f"{name}.ckpt")
+    expected = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    # torch's weights_only loader refuses the argparse hparams of these files (the numpy
+    # reader does not), so it reads a copy holding the state dict alone.
+    try:
+      torch_checkpoint.load_state_dict(path, "torch")
+      refused = False
+    except torch_checkpoint.TorchCheckpointError as e:
+      refused = "--reader numpy" in str(e)
+    same_keys &= refused
+    plain = os.path.join(out, f"{name}_state_only.pt")
+    torch.save({"state_dict": expected}, plain)
+    for reader in worst:
+      state, _ = torch_checkpoint.load_state_dict(path if reader == "numpy" else plain, reader)
+      same_keys &= sorted(state) == sorted(expected)
+      for k, v in expected.items():
+        ours = torch_checkpoint.to_numpy(state[k])
+        same_keys &= ours.shape == tuple(v.shape) and ours.dtype == v.numpy().dtype
+        if v.numel():
+          worst[reader] = max(worst[reader], float(np.max(np.abs(ours - v.numpy()))))
+  return {"reader_numpy_max_diff": worst["numpy"], "reader_torch_max_diff": worst["torch"],
+          "reader_same_keys": same_keys}
+
+
 def main(out):
   os.makedirs(out, exist_ok=True)
   stub_torchvision()
@@ -191,6 +223,7 @@ def main(out):
     results[f"probe_{k}"] = v.float().numpy() if k == "bf16" else v.numpy()
   torch.save({"state_dict": {"w": torch.ones(2)}}, os.path.join(out, "legacy.ckpt"),
              _use_new_zipfile_serialization=False)
+  results.update(check_readers(out))
   np.savez(os.path.join(out, "reference.npz"), **results)
   print("wrote", out)
 

@@ -88,6 +88,13 @@ def _load_config_file(path):
 # ----------------------------------------------------------------------------- reader
 
 
+def test_both_readers_equal_torch_on_every_state_dict(ref):
+  """Checked in the reference venv (tests/taming_reference.py: check_readers)."""
+  assert bool(ref["reader_same_keys"])
+  assert float(ref["reader_numpy_max_diff"]) == 0.0
+  assert float(ref["reader_torch_max_diff"]) == 0.0
+
+
 def test_reader_matches_torch_for_strided_half_bf16_int64(ref):
   probes = torch_checkpoint.load(os.path.join(ref["dir"], "probes.pt"))["probes"]
   for name in ("strided", "half", "bf16", "long"):

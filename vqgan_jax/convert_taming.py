@@ -792,7 +792,7 @@ def main(argv=None) -> int:
                       help="checkpoint step to write; -1 = the checkpoint's global_step")
   parser.add_argument("--reader", choices=("numpy", "torch"), default="numpy",
                       help="numpy: built-in safe reader (default); torch: "
-                      "torch.load(weights_only=True)")
+                      "torch.load(weights_only=True), needed for pre-1.6 (non-zip) files")
   args = parser.parse_args(argv)
   try:
     summary = convert(args.ckpt, args.config, args.output,

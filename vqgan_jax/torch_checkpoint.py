@@ -250,7 +250,14 @@ def _load_with_torch(path: str) -> Any:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise TorchCheckpointError(f"reading {path} with torch needs torch installed") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    # weights_only refuses any object outside torch's allow-list, such as the
+    # hyper-parameter objects Lightning checkpoints often hold.
+    raise TorchCheckpointError(
+        f"torch.load(weights_only=True) refuses {path}: {str(e).splitlines()[-1][:300]} "
+        "Use the default numpy reader (--reader numpy), which reads such files safely.") from e
 
   def convert(x):
     if isinstance(x, torch.Tensor):
