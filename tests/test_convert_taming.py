@@ -300,6 +300,21 @@ def test_bad_inputs_fail_naming_the_file_or_key_and_write_nothing(ref, tmp_path)
   other.write_text(yaml.safe_dump(doc))
   with pytest.raises(convert_taming.ConversionError, match="GumbelVQ"):
     convert_taming.convert(os.path.join(d, "vqgan.ckpt"), str(other), out)
+  del doc["model"]["params"]["ddconfig"]["ch"]
+  doc["model"]["target"] = convert_taming.VQMODEL
+  no_ch = tmp_path / "no_ch.yaml"
+  no_ch.write_text(yaml.safe_dump(doc))
+  with pytest.raises(convert_taming.ConversionError, match="no_ch.yaml.*'ch'"):
+    convert_taming.convert(os.path.join(d, "vqgan.ckpt"), str(no_ch), out)
+  with open(os.path.join(d, "uncond.yaml")) as f:
+    doc = yaml.safe_load(f)
+  doc["model"]["params"]["cond_stage_config"] = {
+      "target": "taming.modules.misc.coord.CoordStage", "params": {"n_embed": 64,
+                                                                  "down_factor": 4}}
+  coord = tmp_path / "coord.yaml"
+  coord.write_text(yaml.safe_dump(doc))
+  with pytest.raises(convert_taming.ConversionError, match="coord.yaml.*CoordStage"):
+    convert_taming.convert(os.path.join(d, "uncond.ckpt"), str(coord), out)
   assert not _no_leftovers(str(tmp_path), "out")
   os.makedirs(out)
   (tmp_path / "out" / "keep.txt").write_text("x")

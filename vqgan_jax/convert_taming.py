@@ -11,9 +11,10 @@ Reads a reference Lightning checkpoint and its yaml config and writes workdirs t
                        DIR/first_stage/      its VQGAN, a stage-1 workdir
                        DIR/cond_stage/       the conditioning VQGAN, when there is one
 
-Each checkpoint is written at the checkpoint's `global_step` (or --step) with all items a
-resumed run restores (fresh optimiser states), and `config.py` is the equivalent
-ml_collections config (`--config DIR/config.py` for the trainers, eval and export).
+The converted model is written at the checkpoint's `global_step` (or --step), the VQGANs
+inside a transformer checkpoint at step 0, each with all items a resumed run restores
+(fresh optimiser states), and `config.py` is the equivalent ml_collections config
+(`--config DIR/config.py` for the trainers, eval and export).
 
 Weights: conv OIHW -> HWIO, 1x1 convs of attention and quant_conv -> Dense (in, out),
 Linear (out, in) -> (in, out), GroupNorm/LayerNorm weight -> scale, the codebook as is.
@@ -194,7 +195,6 @@ _NET2NET_KEYS = ("transformer_config", "first_stage_config", "cond_stage_config"
                  "cond_stage_key", "downsample_cond_size", "pkeep", "sos_token", "unconditional")
 _GPT_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "embd_pdrop",
              "resid_pdrop", "attn_pdrop", "n_unmasked")
-
 
 
 class CondSpec(types.SimpleNamespace):
@@ -694,13 +694,46 @@ def convert(ckpt: str, config_path: str, output: str, *, keep_discriminator: boo
     step = global_step or 0
   source = {"ckpt": os.path.abspath(ckpt), "config": os.path.abspath(config_path),
             "target": model["target"], "global_step": global_step}
+  try:
+    plan, stage2, summary, dropped = _plan(model, state, ckpt, config_path, output,
+                                           keep_discriminator)
+  except (KeyError, TypeError) as e:
+    raise ConversionError(f"{config_path}: a required entry is missing or malformed "
+                          f"({type(e).__name__}: {e})") from e
+
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=os.path.dirname(output))
+  try:
+    records = {}
+    for sub, cfg, params, disc in plan:
+      final = os.path.join(output, sub) if sub else output
+      target = os.path.join(tmp, sub) if sub else tmp
+      sub_step = 0 if sub else step  # frozen stages of a transformer: step 0
+      os.makedirs(target, exist_ok=True)
+      write_stage1(target, final, cfg, params, sub_step, disc, source)
+      records[sub] = _frozen_record(final, cfg, sub_step)
+    if stage2 is not None:
+      write_stage2(tmp, output, *stage2, step, records["first_stage"],
+                   records.get("cond_stage"), source)
+    _commit(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  summary.update(step=step, dropped_keys=len(dropped),
+                 dropped_rules=sorted(set(dropped.values())),
+                 converted_keys=len(state) - len(dropped))
+  return summary
+
+
+def _plan(model, state, ckpt: str, config_path: str, output: str, keep_discriminator: bool):
+  """Everything that can fail before writing: configs and converted parameters.
+  Returns ([(subfolder, stage-1 config, params, discriminator)], stage-2 pieces or None,
+  summary, dropped keys)."""
   base_lr = model.get("base_learning_rate")
   where = f"{ckpt} ({config_path})"
   if model["target"] == VQMODEL:
     config = vqgan_config(model, config_path, base_lr)
     params, disc, dropped = convert_vqgan(state, "", config, where, keep_discriminator)
-    plan = [("", config, params, disc, step)]
-    summary = {"kind": "vqgan", "workdir": output}
+    return [("", config, params, disc)], None, {"kind": "vqgan", "workdir": output}, dropped
   elif model["target"] == NET2NET:
     if keep_discriminator:
       raise ConversionError(f"{config_path}: --keep_discriminator applies to VQModel "
@@ -731,36 +764,15 @@ def convert(ckpt: str, config_path: str, output: str, *, keep_discriminator: boo
         ("first_stage_model.", "transformer.") + (("cond_stage_model.",) if cond else ())))
     if leftover:
       raise ConversionError(f"{where}: keys no rule maps or drops: {leftover}")
-    plan = [("first_stage", first, first_params, None, 0)]
+    plan = [("first_stage", first, first_params, None)]
     if cond is not None:
-      plan.append(("cond_stage", cond, cond_params, None, 0))
+      plan.append(("cond_stage", cond, cond_params, None))
     summary = {"kind": "transformer", "cond_kind": spec.kind, "workdir": output,
                "first_stage": first_dir, "cond_stage": cond_dir if cond else None,
                "vocab": layout.to_dict(), "reference_sos_token": spec.sos_token}
-  else:
-    raise ConversionError(f"{config_path}: model target {model['target']!r} is not supported "
-                          f"(known: {VQMODEL}, {NET2NET})")
-
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=os.path.dirname(output))
-  try:
-    records = {}
-    for sub, cfg, params, disc, sub_step in plan:
-      final = os.path.join(output, sub) if sub else output
-      target = os.path.join(tmp, sub) if sub else tmp
-      os.makedirs(target, exist_ok=True)
-      write_stage1(target, final, cfg, params, sub_step, disc, source)
-      records[sub] = _frozen_record(final, cfg, sub_step)
-    if model["target"] == NET2NET:
-      write_stage2(tmp, output, config, layout, prefix, n, gpt_module, gpt_params, step,
-                   records["first_stage"], records.get("cond_stage"), source)
-    _commit(tmp, output)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  summary.update(step=step, dropped_keys=len(dropped),
-                 dropped_rules=sorted(set(dropped.values())),
-                 converted_keys=len(state) - len(dropped))
-  return summary
+    return plan, (config, layout, prefix, n, gpt_module, gpt_params), summary, dropped
+  raise ConversionError(f"{config_path}: model target {model['target']!r} is not supported "
+                        f"(known: {VQMODEL}, {NET2NET})")
 
 
 def _check_vocab(gpt, spec: CondSpec, first, cond, path: str) -> None:
