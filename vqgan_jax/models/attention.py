@@ -26,7 +26,7 @@ Kernels:
 """
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,28 @@ Cache = Dict[str, jax.Array]
 # --------------------------------------------------------------------------------------
 # Softmax attention
 # --------------------------------------------------------------------------------------
+
+
+def causal_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             dropout: Optional[Callable[[jax.Array], jax.Array]] = None
+                             ) -> jax.Array:
+  """Causal attention of q, k, v (B, T, H, D) -> (B, T, H, D), computed head-major.
+
+  The same math as jax.nn.dot_product_attention(is_causal=True); on XLA:CPU this form
+  (both products batched over (B, H) in leading position, scores in float32) runs a
+  training step's attention about 1.35x as fast (8 x 256 tokens, 8 heads of 64).
+  `dropout`, if given, acts on the attention probabilities (minGPT's attn_drop).
+  """
+  t = q.shape[1]
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+  scores = jnp.einsum("bhqd,bhkd->bhqk", qh * scale, kh, preferred_element_type=jnp.float32)
+  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout is not None:
+    probs = dropout(probs)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vh)
+  return out.transpose(0, 2, 1, 3)
 
 
 def _cached_softmax_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
@@ -68,6 +90,9 @@ class SoftmaxAttention:
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
   def parallel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    if jax.default_backend() == "cpu":
+      return causal_softmax_attention(q, k, v)
+    # GPU/TPU: the fused op (cuDNN flash attention where available).
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
   def prefill(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Cache,

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqgan_jax.models.attention import SoftmaxAttention, get_attention
+from vqgan_jax.models.attention import SoftmaxAttention, causal_softmax_attention, get_attention
 
 _dense_init = nn.initializers.normal(stddev=0.02)
 
@@ -86,11 +86,8 @@ class CausalSelfAttention(nn.Module):
     q, k, v = self._qkv(x)
     if train and self.attn_pdrop > 0.0 and isinstance(self.kernel, SoftmaxAttention):
       # Dropout acts on the attention probabilities, which the fused op does not expose.
-      t, d = q.shape[1], q.shape[-1]
-      att = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * d ** -0.5
-      att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -jnp.inf)
-      att = self.attn_drop(jax.nn.softmax(att, axis=-1), deterministic=False)
-      y = jnp.einsum("bhqk,bkhd->bqhd", att.astype(v.dtype), v)
+      y = causal_softmax_attention(
+          q, k, v, dropout=lambda p: self.attn_drop(p, deterministic=False))
     else:
       y = self.kernel.parallel(q, k, v)
     return self._out(y, train)
