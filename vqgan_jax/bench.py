@@ -71,7 +71,8 @@ flags.DEFINE_list("sample_lengths", ["256", "1024"], "sample: KV cache vs recomp
 flags.DEFINE_integer("naive_steps", 8, "sample: recomputation steps timed per length; the "
                      "full time is extrapolated (every recompute step costs the same).")
 flags.DEFINE_list("positions", ["256", "1024", "4096"], "sample: per-token decode positions.")
-flags.DEFINE_integer("decode_steps", 32, "sample: decode steps timed per position.")
+flags.DEFINE_integer("decode_steps", 64, "sample: decode steps per timed scan.")
+flags.DEFINE_integer("decode_rounds", 7, "sample: timed scans per position (interleaved).")
 flags.DEFINE_integer("long_length", 4096, "sample: tokens of the long sampling comparison.")
 flags.DEFINE_bool("full_long_sampling", True, "sample: really sample long_length tokens with "
                   "linear and softmax-cache decoding (else: estimate from per-token times).")
@@ -370,14 +371,23 @@ def per_token_decode(positions: Sequence[int], batch: int) -> Dict[str, Any]:
     gpt = gpt_from_flags(block_size=longest, attention=kind)
     params = _init_gpt(gpt)
     fn = _decode_scan(gpt, k)
-    rows = {}
+    runs = {}
     for p in positions:
       cache = gpt.init_cache(batch, p)
       start = jnp.int32(p - k)
       compiled, _ = compile_timed(fn, params, cache, start)
-      times = time_calls(lambda: compiled(params, cache, start).block_until_ready(), 3, 1)
-      per_token = statistics.median(times) / k
+      jax.block_until_ready(compiled(params, cache, start))  # warm-up
+      runs[p] = (compiled, cache, start)
+    # Positions interleaved round by round, so a drift in machine load hits all of them.
+    times = {p: [] for p in positions}
+    for _ in range(FLAGS.decode_rounds):
+      for p, (compiled, cache, start) in runs.items():
+        times[p] += time_calls(lambda: compiled(params, cache, start).block_until_ready(), 1, 0)
+    rows = {}
+    for p in positions:
+      per_token = statistics.median(times[p]) / k
       rows[str(p)] = {"s_per_token": per_token, "tokens_per_s": batch / per_token,
+                      "rounds": len(times[p]),
                       "flops_per_token": flops_lib.gpt_decode_step_flops(
                           batch, p, **gpt_flop_kwargs(gpt))}
     out[kind] = rows
