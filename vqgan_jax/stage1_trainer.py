@@ -14,7 +14,6 @@ passes through the whole decoder.
 """
 
 import functools
-import logging
 import os
 from typing import Any, Dict
 
@@ -360,7 +359,6 @@ def _eval_batches(config, mesh, batch_size: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains (or resumes) a VQGAN in `workdir`; returns the last evaluation's metrics."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config_lib.validate_vqgan_config(config)
   sharding.maybe_initialize_distributed()
   if config.batch_size % jax.process_count():
@@ -376,39 +374,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep,
                                        config.async_checkpointing)
-  train_iter = data.make_train_iterator(
-      config.data, batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
   start_step = manager.latest_step()
   if start_step is not None:
     saved = checkpointing.read_metadata(manager, start_step)
     checkpointing.check_same_model(saved["config"]["model"],
                                    checkpointing.config_to_dict(config)["model"], workdir,
                                    force=config.get("force_resume", False))
-    same_topology = sharding.data_state_restorable(manager, start_step)
-    if not same_topology:
-      # Arrays reshard onto any mesh, but each process's data position does not carry
-      # over to another process count: start a fresh stream, reseeded by the step.
-      logging.warning("%s step %d was written by a different number of processes; arrays "
-                      "are resharded and the data stream restarts", workdir, start_step)
-      train_iter = data.make_train_iterator(
-          config.data, batch_size=config.batch_size // jax.process_count(),
-          seed=config.seed + start_step, process_index=jax.process_index(),
-          process_count=jax.process_count())
-    restored = checkpointing.restore(manager, start_step, runner.abstract_state.g_params,
-                                     runner.abstract_state.trainer,
-                                     train_iter if same_topology else None)
-    state = Stage1State(g_params=restored["model"], trainer=restored["trainer"])
-    logging.info("Resumed %s from step %d", workdir, start_step)
-  else:
-    start_step = 0
-    state = runner.init_state()
 
+  def make_train_iter(seed):
+    return data.make_train_iterator(
+        config.data, batch_size=config.batch_size // jax.process_count(), seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  state, start_step, train_iter, writer = train_loop.restore_or_start(
+      config, manager, workdir, make_train_iter=make_train_iter,
+      abstract_model=runner.abstract_state.g_params,
+      abstract_trainer=runner.abstract_state.trainer, init_state=runner.init_state,
+      make_state=lambda model, trainer: Stage1State(g_params=model, trainer=trainer))
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if start_step == 0 and is_main:
-    writer.write_hparams(train_loop.flat_config(config))
 
   def save_checkpoint(step, state, force=False):
     meta = checkpointing.stage1_metadata(config, step)

@@ -904,7 +904,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains (or resumes) a stage-2 GPT in `workdir`; returns the last evaluation's metrics
   (val_loss, val_bits_per_token and, with unigram_batches > 0, unigram_entropy_bits and
   val_unigram_bits_per_token)."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   config_lib.validate_transformer_config(config)
   sharding.maybe_initialize_distributed()
   if config.batch_size % jax.process_count():
@@ -952,30 +951,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   logging.info("stage 2: %s conditioning, vocab %s, window %s, sequence %d, %d GPT params",
                setup.layout.kind, setup.layout.to_dict()["ranges"], setup.window,
                setup.seq_len, transformer.count_params(runner.abstract_state.params))
-  train_iter = train_iterator(config, config.seed)
-
-  if saved is not None:
-    start_step = manager.latest_step()
-    same_topology = sharding.data_state_restorable(manager, start_step)
-    if not same_topology:
-      # Arrays reshard onto any mesh, but a process's data position does not carry over
-      # to another process count: start a fresh stream, reseeded by the step.
-      logging.warning("%s step %d was written by a different number of processes; arrays "
-                      "are resharded and the data stream restarts", workdir, start_step)
-      train_iter = train_iterator(config, config.seed + start_step)
-    restored = checkpointing.restore(manager, start_step, runner.abstract_state.params,
-                                     runner.abstract_state.trainer,
-                                     train_iter if same_topology else None)
-    state = Stage2State(params=restored["model"], trainer=restored["trainer"])
-    logging.info("Resumed %s from step %d", workdir, start_step)
-  else:
-    start_step = 0
-    state = runner.init_state()
-
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if start_step == 0 and is_main:
-    writer.write_hparams(train_loop.flat_config(config))
+  state, start_step, train_iter, writer = train_loop.restore_or_start(
+      config, manager, workdir, make_train_iter=lambda seed: train_iterator(config, seed),
+      abstract_model=runner.abstract_state.params,
+      abstract_trainer=runner.abstract_state.trainer, init_state=runner.init_state,
+      make_state=lambda model, trainer: Stage2State(params=model, trainer=trainer))
 
   train_counts = None
   if config.unigram_batches > 0:

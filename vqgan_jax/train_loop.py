@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vqgan_jax import checkpointing, train_utils
+from vqgan_jax import checkpointing, sharding, train_utils
 
 Metrics = Dict[str, Any]
 
@@ -53,6 +53,42 @@ def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> Dict[str
     else:
       flat[f"{prefix}{key}"] = str(value)
   return flat
+
+
+def restore_or_start(config, manager, workdir: str, *, make_train_iter: Callable[[int], Any],
+                     abstract_model, abstract_trainer, init_state: Callable[[], Any],
+                     make_state: Callable[[Any, Any], Any]):
+  """(state, start_step, train_iter, writer): the newest checkpoint of `manager` restored
+  (model, trainer state and, when the process count is unchanged, the data iterator's
+  position), or a fresh state at step 0; plus the metric writer (TensorBoard on process 0,
+  hyper-parameters written on a fresh start).
+
+  make_train_iter(seed) builds this process's training iterator; make_state(model,
+  trainer) assembles the state from restored items.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  train_iter = make_train_iter(config.seed)
+  start_step = manager.latest_step()
+  if start_step is not None:
+    same_topology = sharding.data_state_restorable(manager, start_step)
+    if not same_topology:
+      # Arrays reshard onto any mesh, but a process's data position does not carry over
+      # to another process count: start a fresh stream, reseeded by the step.
+      logging.warning("%s step %d was written by a different number of processes; arrays "
+                      "are resharded and the data stream restarts", workdir, start_step)
+      train_iter = make_train_iter(config.seed + start_step)
+    restored = checkpointing.restore(manager, start_step, abstract_model, abstract_trainer,
+                                     train_iter if same_topology else None)
+    state = make_state(restored["model"], restored["trainer"])
+    logging.info("Resumed %s from step %d", workdir, start_step)
+  else:
+    start_step = 0
+    state = init_state()
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start_step == 0 and is_main:
+    writer.write_hparams(flat_config(config))
+  return state, start_step, train_iter, writer
 
 
 def run(config, *, workdir: str, manager, writer, state, start_step: int,
