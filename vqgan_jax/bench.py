@@ -5,6 +5,7 @@ r"""Benchmarks: step times, throughput, analytic FLOPs and MFU, printed as ONE J
       [--vocab_size 1024 --block_size 256 --n_layer 8 --n_head 8 --n_embd 512 --batch_size 8]
   python -m vqgan_jax.bench --task sample   [GPT flags as stage2_step]
   python -m vqgan_jax.bench --task conv
+  python -m vqgan_jax.bench --task attention [--attention_length 256 --batch_size 8]
 
 Config overrides use ml_collections syntax (`--config.batch_size=4`); the config is locked,
 so a misspelt key is an error rather than a silently ignored field.
@@ -19,7 +20,8 @@ stage1_step / stage2_step add:
   examples_per_s, tokens_per_s (stage 2), flops_per_step (vqgan_jax.flops, analytic),
   achieved_flops_per_s = flops_per_step / step_s_median, mfu = achieved / peak.
 sample adds `kv_vs_naive`, `per_token`, `long_sampling` and `train_steps` sections,
-conv adds `shapes`; see the functions below for their fields.
+conv adds `shapes`; attention adds `kernels` (forward and gradient seconds of one layer's
+causal attention per implementation); see the functions below for their fields.
 
 Timing: each step is dispatched, then blocked on (jax.block_until_ready) before the clock
 stops; the first `warmup` executions are dropped. Train steps donate their state
@@ -46,7 +48,7 @@ import optax
 from vqgan_jax import flops as flops_lib
 
 FLAGS = flags.FLAGS
-TASKS = ("stage1_step", "stage2_step", "sample", "conv")
+TASKS = ("stage1_step", "stage2_step", "sample", "conv", "attention")
 
 flags.DEFINE_enum("task", "stage1_step", TASKS, "What to time.")
 config_flags.DEFINE_config_file(
@@ -80,6 +82,9 @@ flags.DEFINE_list("train_lengths", ["256", "1024", "4096"], "sample: train-step 
 flags.DEFINE_integer("train_batch", 1, "sample: sequences per train step.")
 flags.DEFINE_integer("train_steps", 3, "sample: timed train steps per length and kernel.")
 flags.DEFINE_integer("linear_chunk_size", 64, "Chunk length of linear attention.")
+# attention task
+flags.DEFINE_integer("attention_length", 256, "attention: sequence length.")
+flags.DEFINE_integer("attention_rounds", 7, "attention: interleaved timing rounds.")
 # conv task
 flags.DEFINE_integer("conv_batch", 8, "conv: batch of every shape.")
 # peak
@@ -526,6 +531,42 @@ def bench_conv(config) -> Dict[str, Any]:
   return {"im2col_max_positions": layers.IM2COL_MAX_POSITIONS, "shapes": rows}
 
 
+# ------------------------------------------------------------------------------ attention
+
+
+def bench_attention(config) -> Dict[str, Any]:
+  """One layer's causal softmax attention, (B, T, H, D) in and out, forward and gradient
+  (w.r.t. q, k, v): jax.nn.dot_product_attention against the head-major einsum form that
+  `SoftmaxAttention.parallel` uses on CPU. Implementations interleaved round by round."""
+  del config
+  from vqgan_jax.models import attention  # pylint: disable=g-import-not-at-top
+  b, t, h = FLAGS.batch_size, FLAGS.attention_length, FLAGS.n_head
+  d = FLAGS.n_embd // h
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, ct = (jax.random.normal(key, (b, t, h, d), jnp.float32) for key in keys)
+  kernels = {"dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
+                 q, k, v, is_causal=True),
+             "head_major_einsum": attention.causal_softmax_attention}
+  compiled = {}
+  for name, fn in kernels.items():
+    grad = jax.grad(lambda q, k, v, fn=fn: jnp.vdot(fn(q, k, v), ct), argnums=(0, 1, 2))
+    compiled[name] = (compile_timed(jax.jit(fn), q, k, v)[0],
+                      compile_timed(jax.jit(grad), q, k, v)[0])
+  outs = [np.asarray(f(q, k, v)) for f, _ in compiled.values()]
+  times = {name: {"fwd": [], "grad": []} for name in kernels}
+  for _ in range(FLAGS.attention_rounds):
+    for name, (fwd, grad) in compiled.items():
+      times[name]["fwd"] += time_calls(lambda: jax.block_until_ready(fwd(q, k, v)), 1, 1)
+      times[name]["grad"] += time_calls(lambda: jax.block_until_ready(grad(q, k, v)), 1, 1)
+  rows = {name: {f"{part}_s_median": statistics.median(ts) for part, ts in parts.items()}
+          for name, parts in times.items()}
+  base, new = rows["dot_product_attention"], rows["head_major_einsum"]
+  return {"shape": [b, t, h, d], "kernels": rows,
+          "max_abs_diff": float(np.max(np.abs(outs[0] - outs[1]))),
+          "speedup_fwd": base["fwd_s_median"] / new["fwd_s_median"],
+          "speedup_grad": base["grad_s_median"] / new["grad_s_median"]}
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -541,6 +582,8 @@ def main(argv):
     rates(result, flops_per_step, result["peak_flops_per_s"])
   elif FLAGS.task == "sample":
     result.update(bench_sample(config))
+  elif FLAGS.task == "attention":
+    result.update(bench_attention(config))
   else:
     result.update(bench_conv(config))
     result.update(device_peak())
