@@ -9,6 +9,9 @@
       one process of a multi-process stage-1 run (`train_and_evaluate`) on a global mesh.
   python tests/mp_worker.py resume WORKDIR STEPS OUT.json
       a single-process run that resumes WORKDIR (any earlier topology) up to STEPS.
+  python tests/mp_worker.py preempt PROCESS_ID NUM_PROCESSES PORT WORKDIR SIGNAL_AT OUT.json
+      one process of a multi-process stage-1 run in which only process 1 gets SIGTERM,
+      sent to itself while step SIGNAL_AT is dispatched; records where each process stopped.
 
 Device counts and the coordinator must be set before JAX starts, hence a process each.
 Test modules import this file only for `run_workers` (launch with a deadline, kill the
@@ -534,6 +537,38 @@ def run_resume(workdir, steps, out_path):
     json.dump(results, f, indent=1)
 
 
+def run_preempt(process_id, num_processes, port, workdir, signal_at, out_path):
+  """SIGTERM reaches process 1 only; every process must stop after the same step, with one
+  checkpoint of that step written by all of them together."""
+  sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+  from vqgan_jax import checkpointing, stage1_trainer, train_utils  # pylint: disable=g-import-not-at-top
+  original = stage1_trainer.Stage1Runner.train_step
+
+  def train_step(self, state, batch, step):
+    if jax.process_index() == 1 and step + 1 == signal_at:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's PreemptionWatcher
+    return original(self, state, batch, step)
+
+  stage1_trainer.Stage1Runner.train_step = train_step
+  config = stage1_config(batch_size=8)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  config.num_train_steps = 50
+  config.checkpoint_every_steps = config.eval_every_steps = 50
+  config.log_every_steps = 1
+  stage1 = os.path.join(workdir, "stage1")
+  results = {"process_index": jax.process_index(), "preempted_at": None}
+  try:
+    stage1_trainer.train_and_evaluate(config, stage1)
+  except train_utils.Preempted as stop:
+    results["preempted_at"] = stop.step
+  results["checkpoint_steps"] = sorted(
+      checkpointing.make_manager(stage1, read_only=True).all_steps())
+  results["checkpoint"] = _checkpoint_summary(stage1, results["preempted_at"]) \
+      if results["preempted_at"] else None
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
 def main(argv):
   _setup_jax()
   mode = argv[1]
@@ -543,6 +578,8 @@ def main(argv):
     run_train(int(argv[2]), int(argv[3]), int(argv[4]), argv[5], int(argv[6]), argv[7])
   elif mode == "resume":
     run_resume(argv[2], int(argv[3]), argv[4])
+  elif mode == "preempt":
+    run_preempt(int(argv[2]), int(argv[3]), int(argv[4]), argv[5], int(argv[6]), argv[7])
   else:
     raise SystemExit(f"unknown mode {mode!r}")
 

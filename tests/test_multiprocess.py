@@ -93,3 +93,23 @@ def test_one_process_resumes_the_two_process_checkpoint(two_process_run):
   # The 2-process stage-2 run (tensor x fsdp across processes) goes on in 1 process too.
   assert r["stage2_latest_step"] == 3
   assert math.isfinite(r["stage2_metrics"]["val_loss"])
+
+
+def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
+  # Only process 1 gets SIGTERM (during step 3). The flag is all-gathered every step, so
+  # process 0 stops after the same step and both write one checkpoint of it together.
+  workdir, port = str(tmp_path), free_port()
+  outs = [os.path.join(workdir, f"preempt_{i}.json") for i in range(2)]
+  results = mp_worker.run_workers(
+      [["preempt", i, 2, port, workdir, 3, outs[i]] for i in range(2)], num_devices=2,
+      timeout=TIMEOUT_S, log_dir=workdir)
+  # Preempted is SystemExit(0) caught by the worker: a clean exit code on both.
+  assert all(code == 0 for code, _ in results), mp_worker.failure_report(results)
+  loaded = []
+  for out in outs:
+    with open(out) as f:
+      loaded.append(json.load(f))
+  assert [r["preempted_at"] for r in loaded] == [3, 3]
+  assert [r["checkpoint_steps"] for r in loaded] == [[3], [3]]
+  assert loaded[0]["checkpoint"] == loaded[1]["checkpoint"] and loaded[0]["checkpoint"]["finite"]
+  assert "Stopped by signal at step 3" in results[0][1]  # process 0 got no signal itself
