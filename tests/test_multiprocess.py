@@ -30,19 +30,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("multiprocess"))
+def run_two_processes(mode, workdir, arg):
+  """Runs `mp_worker.py MODE i 2 PORT WORKDIR ARG OUT_i` for i = 0, 1; both must exit 0.
+  Returns (their JSON results, their [(exit code, log)])."""
   port = free_port()
-  outs = [os.path.join(workdir, f"train_{i}.json") for i in range(2)]
+  outs = [os.path.join(workdir, f"{mode}_{i}.json") for i in range(2)]
   results = mp_worker.run_workers(
-      [["train", i, 2, port, workdir, 2, outs[i]] for i in range(2)], num_devices=2,
+      [[mode, i, 2, port, workdir, arg, outs[i]] for i in range(2)], num_devices=2,
       timeout=TIMEOUT_S, log_dir=workdir)
   assert all(code == 0 for code, _ in results), mp_worker.failure_report(results)
   loaded = []
   for out in outs:
     with open(out) as f:
       loaded.append(json.load(f))
+  return loaded, results
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("multiprocess"))
+  loaded, _ = run_two_processes("train", workdir, 2)
   return workdir, loaded
 
 
@@ -98,17 +105,8 @@ def test_one_process_resumes_the_two_process_checkpoint(two_process_run):
 def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
   # Only process 1 gets SIGTERM (during step 3). The flag is all-gathered every step, so
   # process 0 stops after the same step and both write one checkpoint of it together.
-  workdir, port = str(tmp_path), free_port()
-  outs = [os.path.join(workdir, f"preempt_{i}.json") for i in range(2)]
-  results = mp_worker.run_workers(
-      [["preempt", i, 2, port, workdir, 3, outs[i]] for i in range(2)], num_devices=2,
-      timeout=TIMEOUT_S, log_dir=workdir)
-  # Preempted is SystemExit(0) caught by the worker: a clean exit code on both.
-  assert all(code == 0 for code, _ in results), mp_worker.failure_report(results)
-  loaded = []
-  for out in outs:
-    with open(out) as f:
-      loaded.append(json.load(f))
+  # Preempted is SystemExit(0), caught by the worker: both exit cleanly.
+  loaded, results = run_two_processes("preempt", str(tmp_path), 3)
   assert [r["preempted_at"] for r in loaded] == [3, 3]
   assert [r["checkpoint_steps"] for r in loaded] == [[3], [3]]
   assert loaded[0]["checkpoint"] == loaded[1]["checkpoint"] and loaded[0]["checkpoint"]["finite"]
