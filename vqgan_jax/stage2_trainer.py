@@ -619,6 +619,11 @@ def check_exported_tokens(config, first, cond=None) -> Dict[str, Optional[Dict[s
     record = meta.get("stage1") or {}
     if record.get("step") != first.step:
       mismatch(f"stage-1 step (from {record.get('workdir')})", record.get("step"), first.step)
+    exported_from = record.get("workdir")
+    if exported_from and os.path.abspath(config.first_stage.workdir) != exported_from:
+      # Same step, codebook and grid but another folder: a moved workdir, or another run.
+      logging.warning("%s was exported from %s, this config loads %s (same step %d)", where,
+                      exported_from, os.path.abspath(config.first_stage.workdir), first.step)
     if meta["codebook_size"] != first.n_embed:
       mismatch("a codebook of size", meta["codebook_size"], first.n_embed)
     grid = list(token_grid(config, first))
@@ -630,7 +635,7 @@ def check_exported_tokens(config, first, cond=None) -> Dict[str, Optional[Dict[s
       if not exported_cond:
         raise config_lib.ConfigError(
             f"{where}: spatial conditioning needs condition tokens, but the export has none "
-            "(export with --config.cond_stage... / a conditioning VQGAN)")
+            "(export with --cond_workdir naming the conditioning VQGAN)")
       if exported_cond.get("step") != cond.step or exported_cond.get("codebook_size") != \
           cond.n_embed:
         mismatch("a conditioning VQGAN (step, codes)",
