@@ -5,7 +5,9 @@ r"""Side-by-side step times: the PyTorch reference (taming-transformers) vs this
 One command, one machine, one run. Each implementation runs in its own long-lived worker
 subprocess (this file re-executed with --_worker): the reference in its virtualenv (only
 the standard library, torch and taming are imported there), ours in the project venv
-(optionally several, each with its own XLA_FLAGS: --xla_flags_variant). The workers answer
+(optionally several, each with its own XLA_FLAGS or environment: --xla_flags_variant,
+--env_variant; e.g. --env_variant MALLOC_MMAP_MAX_=0,MALLOC_TRIM_THRESHOLD_=2000000000
+times ours with glibc keeping freed memory). The workers answer
 timing requests over stdin/stdout in JSON and sit idle while another one is timed. Rounds
 alternate the implementations for every configuration, so slow drifts in machine load hit
 all of them; the table reports medians over all timed steps of all rounds.
@@ -211,13 +213,14 @@ def worker_main(kind, threads):
 class WorkerClient:
   """A worker subprocess ("ref": reference venv; "ours": this venv, optional XLA_FLAGS)."""
 
-  def __init__(self, kind, python, threads, xla_flags=None):
+  def __init__(self, kind, python, threads, xla_flags=None, extra_env=None):
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if kind == "ours":
       env.setdefault("JAX_PLATFORMS", "cpu")
       if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
+      env.update(extra_env or {})
     # The reference runs outside the repo root, so nothing of the project shadows it.
     cwd = "/tmp" if kind == "ref" else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     self.proc = subprocess.Popen(
@@ -415,6 +418,9 @@ def main():
   parser.add_argument("--xla_flags_variant", action="append", default=[],
                       help="also time ours with XLA_FLAGS set to this (repeatable); the "
                       "plain 'ours' row inherits XLA_FLAGS from the environment")
+  parser.add_argument("--env_variant", action="append", default=[],
+                      help="also time ours with these environment variables, 'K=V[,K=V]' "
+                      "(repeatable), e.g. MALLOC_MMAP_MAX_=0")
   parser.add_argument("--output", default=None, help="also write the results as JSON here")
   parser.add_argument("--_worker", choices=["ref", "ours"], help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -431,6 +437,10 @@ def main():
   impls["ours"] = WorkerClient("ours", sys.executable, args.threads)
   for i, flags in enumerate(args.xla_flags_variant):
     impls[f"ours+flags{i + 1}"] = WorkerClient("ours", sys.executable, args.threads, flags)
+  for i, spec in enumerate(args.env_variant):
+    extra = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    impls[f"ours+env{i + 1}"] = WorkerClient("ours", sys.executable, args.threads,
+                                             extra_env=extra)
   info = {name: w.request(cmd="info") for name, w in impls.items()}
   times = {n: {impl: [] for impl in impls} for n in names}
   meta = {impl: {} for impl in impls}
