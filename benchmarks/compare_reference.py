@@ -256,6 +256,9 @@ class Ours:
   """Jitted train steps of this project for the same configurations."""
 
   def __init__(self):
+    # vqgan_jax first: importing it sets the project's default XLA:CPU flags
+    # (vqgan_jax/xla_cpu.py), which only take effect before JAX starts its backend.
+    import vqgan_jax  # pylint: disable=g-import-not-at-top,unused-import
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.steps = {}
