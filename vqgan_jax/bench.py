@@ -423,6 +423,10 @@ def long_sampling(length: int, batch: int, per_token: Dict[str, Any]) -> Dict[st
       out[name] = {"s": run_s, "compile_s": compile_s,
                    "measured": "one full run (no warm-up run)"}
     else:
+      if str(length) not in per_token[kind]:
+        raise app.UsageError(f"--nofull_long_sampling estimates from the per-token time at "
+                             f"--long_length={length}: add {length} to --positions "
+                             f"(now {','.join(FLAGS.positions)})")
       est = per_token[kind][str(length)]["s_per_token"] * length
       out[name] = {"s": est, "measured": "per-token time at the last position x length"}
   gpt = gpt_from_flags(block_size=length, attention="softmax")
