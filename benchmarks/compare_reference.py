@@ -211,7 +211,8 @@ def worker_main(kind, threads):
 
 
 class WorkerClient:
-  """A worker subprocess ("ref": reference venv; "ours": this venv, optional XLA_FLAGS)."""
+  """A worker subprocess ("ref": reference venv; "ours": this venv, optional XLA_FLAGS and
+  extra environment variables)."""
 
   def __init__(self, kind, python, threads, xla_flags=None, extra_env=None):
     env = dict(os.environ)

@@ -19,6 +19,7 @@ computation before importing vqgan_jax keeps the flags it started with. The flag
 affects the CPU backend; GPU and TPU programs are unchanged.
 """
 
+from importlib import metadata
 import os
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type="
@@ -27,9 +28,8 @@ MEASURED_JAXLIB_VERSIONS = ("0.10.2",)
 
 def _jaxlib_version():
   try:
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
     return metadata.version("jaxlib")
-  except Exception:  # pylint: disable=broad-except
+  except metadata.PackageNotFoundError:
     return None
 
 
