@@ -349,7 +349,7 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
           "speedup": naive_total / c_time}
 
 
-def _decode_scan(gpt, k: int):
+def _decode_scan(gpt, k: int, batch: int):
   from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
 
   def run(params, cache, start):
@@ -357,7 +357,6 @@ def _decode_scan(gpt, k: int):
       token, cache = carry
       logits, cache = gpt.apply(params, token[:, None], start + i, cache, method=GPT.decode_step)
       return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
-    batch = jax.tree_util.tree_leaves(cache["layers"])[0].shape[0]
     (token, _), _ = lax.scan(body, (jnp.zeros((batch,), jnp.int32), cache),
                              jnp.arange(k, dtype=jnp.int32))
     return token
@@ -375,7 +374,7 @@ def per_token_decode(positions: Sequence[int], batch: int) -> Dict[str, Any]:
   for kind in ("softmax", "linear"):
     gpt = gpt_from_flags(block_size=longest, attention=kind)
     params = _init_gpt(gpt)
-    fn = _decode_scan(gpt, k)
+    fn = _decode_scan(gpt, k, batch)
     runs = {}
     for p in positions:
       cache = gpt.init_cache(batch, p)

@@ -12,7 +12,7 @@ Every kernel has the same four operations:
 
 Kernels:
   SoftmaxAttention  scaled dot-product attention (scale D^-0.5, as minGPT). The cache holds
-                    the keys and values head-major, (B, H, max_length, D).
+                    the keys and values with batch and heads folded, (B * H, max_length, D).
   LinearAttention   causal linear attention (Katharopoulos et al. 2020) with the feature map
                     phi(x) = elu(x) + 1:
                       out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
@@ -69,22 +69,40 @@ def causal_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return _head_major_attention(qh, kh, vh, jnp.tril(jnp.ones((t, t), bool)), dropout)
 
 
+def _fold_heads(x: jax.Array) -> jax.Array:
+  """(B, T, H, D) -> (B * H, T, D), the layout of the softmax cache."""
+  b, t, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h, t, d)
+
+
 def _cached_softmax_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                               q_positions: jax.Array) -> jax.Array:
-  """Attention of q (B, Tq, H, D) over a cache keys/values (B, H, L, D) whose slot j holds
-  position j; slot j is visible to query i iff j <= q_positions[i]. The cache is kept
-  head-major, so only the new rows are ever transposed."""
-  mask = jnp.arange(keys.shape[2])[None, :] <= q_positions[:, None]  # (Tq, L)
-  return _head_major_attention(q.transpose(0, 2, 1, 3), keys, values, mask)
+  """Attention of q (B, Tq, H, D) over a cache keys/values (B * H, L, D) whose slot j holds
+  position j; slot j is visible to query i iff j <= q_positions[i]. Returns (B, Tq, H, D).
+
+  The matmuls take the cache exactly as stored (one batch dimension), so nothing between
+  the cache update and the matmul reshapes it: a reshape there makes XLA:CPU fuse the
+  update twice and copy every layer's cache at every decoding step.
+  """
+  b, t, h, d = q.shape
+  scale = jnp.asarray(d ** -0.5, q.dtype)
+  scores = jnp.einsum("nqd,nkd->nqk", _fold_heads(q) * scale, keys.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  mask = jnp.arange(keys.shape[1])[None, :] <= q_positions[:, None]  # (Tq, L)
+  scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("nqk,nkd->nqd", probs.astype(q.dtype), values.astype(q.dtype))
+  return out.reshape(b, h, t, d).transpose(0, 2, 1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxAttention:
-  """Causal softmax attention with a key/value cache (head-major: (B, H, L, D))."""
+  """Causal softmax attention with a key/value cache of shape (B * H, L, D): batch and
+  heads folded into one leading dimension, head-major inside each sequence."""
 
   def init_cache(self, batch_size: int, max_length: int, n_head: int, head_dim: int,
                  dtype: Any = jnp.float32) -> Cache:
-    shape = (batch_size, n_head, max_length, head_dim)
+    shape = (batch_size * n_head, max_length, head_dim)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
   def parallel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -96,12 +114,15 @@ class SoftmaxAttention:
   def prefill(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: Cache,
               start: jax.Array) -> Tuple[jax.Array, Cache]:
     t = q.shape[1]
+    if k.shape[0] * k.shape[2] != cache["key"].shape[0]:
+      raise ValueError(f"cache holds {cache['key'].shape[0]} batch x head rows, the input "
+                       f"{k.shape[0]} x {k.shape[2]}: build it with init_cache for this batch")
     # Writing at a traced offset; out-of-range offsets are clamped by dynamic_update_slice,
     # so callers must keep start + T <= max_length. Only the T new rows are transposed.
     keys = lax.dynamic_update_slice_in_dim(
-        cache["key"], k.astype(cache["key"].dtype).transpose(0, 2, 1, 3), start, 2)
+        cache["key"], _fold_heads(k).astype(cache["key"].dtype), start, 1)
     values = lax.dynamic_update_slice_in_dim(
-        cache["value"], v.astype(cache["value"].dtype).transpose(0, 2, 1, 3), start, 2)
+        cache["value"], _fold_heads(v).astype(cache["value"].dtype), start, 1)
     # Attend over the whole buffer; slots beyond the last written position are masked out.
     out = _cached_softmax_attention(q, keys, values, start + jnp.arange(t))
     return out, {"key": keys, "value": values}
