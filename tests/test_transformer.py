@@ -97,6 +97,14 @@ def test_cache_decoding_matches_full_forward(setup, tokens):
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-4, rtol=0)
 
 
+def test_cache_for_another_batch_size_is_refused(tokens):
+  model = GPT(**CFG)
+  params = random_params(model)
+  cache = model.init_cache(1, T)
+  with pytest.raises(ValueError, match="init_cache for this batch"):
+    model.apply(params, tokens[:, :5], cache, method=GPT.prefill)
+
+
 def test_causality(setup, tokens):
   t = 7
   changed = tokens.at[:, t].set((tokens[:, t] + 1) % CFG["vocab_size"])
