@@ -74,6 +74,8 @@ flags.DEFINE_integer("naive_steps", 8, "sample: recomputation steps timed per le
                      "full time is extrapolated (every recompute step costs the same).")
 flags.DEFINE_list("positions", ["256", "1024", "4096"], "sample: per-token decode positions.")
 flags.DEFINE_integer("decode_steps", 64, "sample: decode steps per timed scan.")
+flags.DEFINE_integer("kv_rounds", 3, "sample: alternating timed runs of the cached and the "
+                     "recomputing sampler per --sample_lengths entry.")
 flags.DEFINE_integer("decode_rounds", 7, "sample: timed scans per position (interleaved).")
 flags.DEFINE_integer("long_length", 4096, "sample: tokens of the long sampling comparison.")
 flags.DEFINE_bool("full_long_sampling", True, "sample: really sample long_length tokens with "
@@ -325,28 +327,38 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
   """Sampling `length` tokens after one prefix token: KV cache (`sample`) vs recomputing the
   full forward pass per token (`sample_naive`). The naive figure is extrapolated from
   `naive_steps` steps over the same `length`-token buffer, which is exact up to noise
-  because every naive step runs the same full-buffer forward."""
+  because every naive step runs the same full-buffer forward. The two samplers run in
+  alternation, `kv_rounds` times each after one warm-up call (none above 512 tokens, where
+  the first call is timed too), so a drift in machine load hits both."""
   from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   gpt = gpt_from_flags(block_size=length, attention="softmax")
   params = _init_gpt(gpt)
   key = jax.random.PRNGKey(3)
-  prefix = jnp.zeros((batch, 1), jnp.int32)
-  c_compile, c_time, c_all = _sample_time(
-      sampling.sample, dict(params=params, model=gpt, prefix_tokens=prefix, num_tokens=length,
-                            key=key), repeats=2 if length > 512 else 3,
-      warmup=0 if length > 512 else 1)
   k = min(FLAGS.naive_steps, length)
-  naive_prefix = jnp.zeros((batch, length - k + 1), jnp.int32)
-  n_compile, n_time, _ = _sample_time(
-      sampling.sample_naive, dict(params=params, model=gpt, prefix_tokens=naive_prefix,
-                                  num_tokens=k, key=key), repeats=2)
-  naive_total = n_time / k * length
+  runs = {}
+  for name, fn, prefix_len, num_tokens in (("kv", sampling.sample, 1, length),
+                                           ("naive", sampling.sample_naive, length - k + 1, k)):
+    args = dict(params=params, model=gpt, prefix_tokens=jnp.zeros((batch, prefix_len), jnp.int32),
+                num_tokens=num_tokens, key=key)
+    compiled, compile_s = compile_timed(fn, **args)
+    dynamic = {a: v for a, v in args.items() if a not in ("model", "num_tokens")}
+    call = lambda compiled=compiled, dynamic=dynamic: compiled(**dynamic).block_until_ready()
+    if length <= 512:
+      call()
+    runs[name] = (call, compile_s, [])
+  for _ in range(FLAGS.kv_rounds):
+    for call, _, times in runs.values():
+      times += time_calls(call, 1, 0)
+  (_, c_compile, c_all), (_, n_compile, n_all) = runs["kv"], runs["naive"]
+  c_time = statistics.median(c_all)
+  naive_total = statistics.median(n_all) / k * length
   return {"tokens": length, "batch": batch,
           "kv_cache_s": c_time, "kv_cache_runs_s": c_all, "kv_cache_compile_s": c_compile,
           "kv_cache_tokens_per_s": batch * length / c_time,
-          "naive_s": naive_total, "naive_estimated_from_steps": k if k < length else None,
+          "naive_s": naive_total, "naive_runs_s": n_all,
+          "naive_estimated_from_steps": k if k < length else None,
           "naive_compile_s": n_compile, "naive_tokens_per_s": batch * length / naive_total,
-          "speedup": naive_total / c_time}
+          "speedup": naive_total / c_time, "rounds": FLAGS.kv_rounds}
 
 
 def _decode_scan(gpt, k: int, batch: int):
