@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqgan_jax.models.attention import causal_query_blocks, causal_softmax_attention
 from vqgan_jax.models.transformer import GPT, count_params, gpt_param_count
 
 CFG = dict(vocab_size=64, block_size=40, n_layer=2, n_head=2, n_embd=32)
@@ -152,3 +153,19 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tokens):
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(shapes))
   logits = jax.jit(model.apply)(random_params(model), tokens)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("t", [200, 256, 301])
+def test_blocked_causal_attention_equals_dot_product_attention(t):
+  blocks = causal_query_blocks(t)
+  assert blocks[0][0] == 0 and blocks[-1][1] == t and 1 < len(blocks) <= 8
+  assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+  q, k, v, w = (jax.random.normal(key, (2, t, 2, 8))
+                for key in jax.random.split(jax.random.key(t), 4))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_allclose(causal_softmax_attention(q, k, v), ref(q, k, v), atol=2e-6)
+  ours = jax.grad(loss(causal_softmax_attention), argnums=(0, 1, 2))(q, k, v)
+  theirs = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=1e-5)

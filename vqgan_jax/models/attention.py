@@ -43,7 +43,7 @@ Cache = Dict[str, jax.Array]
 def _head_major_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                           mask: jax.Array, dropout=None) -> jax.Array:
   """Softmax attention of q (B, H, Tq, D) over keys/values (B, H, Tk, D), where query i
-  sees key j iff mask[i, j]; returns (B, Tq, H, D). Scores and softmax in float32."""
+  sees key j iff mask[i, j]; returns (B, H, Tq, D). Scores and softmax in float32."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, keys.astype(q.dtype),
                       preferred_element_type=jnp.float32)
@@ -51,8 +51,14 @@ def _head_major_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:
     probs = dropout(probs)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
-  return out.transpose(0, 2, 1, 3)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
+
+
+def causal_query_blocks(t: int, max_blocks: int = 8, min_size: int = 64):
+  """[(start, end)] of the query blocks `causal_softmax_attention` uses for length t: at
+  most `max_blocks` blocks of at least `min_size` queries (one block below that)."""
+  size = max(min_size, -(-t // max_blocks))
+  return [(start, min(start + size, t)) for start in range(0, t, size)]
 
 
 def causal_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -61,12 +67,20 @@ def causal_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """Causal attention of q, k, v (B, T, H, D) -> (B, T, H, D), computed head-major.
 
   The same math as jax.nn.dot_product_attention(is_causal=True), faster on XLA:CPU
-  (`python -m vqgan_jax.bench --task attention` compares the two). `dropout`, if given,
-  acts on the attention probabilities (minGPT's attn_drop).
+  (`python -m vqgan_jax.bench --task attention` compares the two). The queries are split
+  into blocks (`causal_query_blocks`) and each block attends only to the keys up to its
+  last query, so the score entries above the diagonal blocks are never computed (with 4
+  blocks, 37.5% fewer); a query's softmax is over the same visible keys as without blocks.
+  `dropout`, if given, acts on the attention probabilities (minGPT's attn_drop).
   """
-  t = q.shape[1]
   qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-  return _head_major_attention(qh, kh, vh, jnp.tril(jnp.ones((t, t), bool)), dropout)
+  outs = []
+  for start, end in causal_query_blocks(q.shape[1]):
+    mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    outs.append(_head_major_attention(qh[:, :, start:end], kh[:, :, :end], vh[:, :, :end],
+                                      mask, dropout))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out.transpose(0, 2, 1, 3)
 
 
 def _fold_heads(x: jax.Array) -> jax.Array:

@@ -1,0 +1,208 @@
+"""Where the time of the stage-2 reference step (b) goes: interleaved ablations.
+
+Each variant swaps one part of the GPT for a cheaper or different version while its train
+step is traced, then all variants are timed in alternation, round by round, in one process
+(so a drift in machine load hits all of them). The removals are not models anyone should
+train; they measure what a part costs inside the whole compiled step, which on XLA:CPU is
+not the sum of what it costs alone.
+
+  python benchmarks/ablate_stage2.py --variants base,no_attention,no_layernorm --rounds 5
+
+Variants (combine with '+'):
+  base                 the model as it is
+  no_attention         attention returns v (XLA then also drops the q and k projections)
+  no_layernorm         LayerNorm replaced by a per-channel scale
+  relu                 ReLU instead of the exact GELU
+  gelu_erf             the exact GELU written as 0.5 x (1 + erf(x / sqrt 2)) (torch's form)
+  causal_blocks4       attention with the queries split into 4 causal blocks, each block
+                       attending only to the keys up to its end (37.5% fewer score entries)
+  qkv_fused            q, k, v from one matmul over the concatenated kernels
+"""
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import vqgan_jax  # pylint: disable=unused-import,g-import-not-at-top  (sets XLA:CPU flags first)
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+from jax import lax  # pylint: disable=g-import-not-at-top
+
+from vqgan_jax.models import attention, transformer  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", ["base", "no_attention", "no_layernorm", "relu", "gelu_erf",
+                               "causal_blocks4", "qkv_fused"], "Variants, the first is the baseline.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds (each runs every variant once).")
+flags.DEFINE_integer("batch", 8, "Sequences per step.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+
+PATCHES = {}
+
+
+def _patch(name):
+  def register(fn):
+    PATCHES[name] = contextlib.contextmanager(fn)
+    return fn
+  return register
+
+
+@contextlib.contextmanager
+def _swapped(owner, attr, value):
+  old = getattr(owner, attr)
+  setattr(owner, attr, value)
+  try:
+    yield
+  finally:
+    setattr(owner, attr, old)
+
+
+@_patch("no_attention")
+def _no_attention():
+  with _swapped(attention.SoftmaxAttention, "parallel", lambda self, q, k, v: v):
+    yield
+
+
+class _ScaleOnly(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+
+
+@_patch("no_layernorm")
+def _no_layernorm():
+  with _swapped(transformer, "_layer_norm", lambda dtype, name: _ScaleOnly(name=name)):
+    yield
+
+
+class _Activation:
+  """Stands in for `flax.linen` inside transformer.py with a different `gelu`."""
+
+  def __init__(self, gelu):
+    self.gelu = gelu
+
+  def __getattr__(self, name):
+    return getattr(nn, name)
+
+
+@_patch("relu")
+def _relu():
+  with _swapped(transformer, "nn", _Activation(lambda x, approximate=False: jax.nn.relu(x))):
+    yield
+
+
+@_patch("gelu_erf")
+def _gelu_erf():
+  inv_sqrt2 = np.float32(1 / np.sqrt(2))
+  gelu = lambda x, approximate=False: 0.5 * x * (1.0 + lax.erf(x * inv_sqrt2))
+  with _swapped(transformer, "nn", _Activation(gelu)):
+    yield
+
+
+def _causal_blocks(q, k, v, dropout=None, blocks=4):
+  del dropout
+  b, t, h, d = q.shape
+  size = t // blocks
+  qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q * d ** -0.5, k, v))
+  outs = []
+  for i in range(blocks):
+    end = (i + 1) * size
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qh[:, :, i * size:end], kh[:, :, :end])
+    mask = jnp.arange(end)[None, :] <= (i * size + jnp.arange(size))[:, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, vh[:, :, :end]))
+  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+
+
+@_patch("causal_blocks4")
+def _causal_blocks4():
+  with _swapped(attention, "causal_softmax_attention", _causal_blocks):
+    yield
+
+
+@_patch("qkv_fused")
+def _qkv_fused():
+  cls = transformer.CausalSelfAttention
+  separate, fused = cls._qkv, cls._qkv_fused  # pylint: disable=protected-access
+
+  def qkv(self, x):
+    return separate(self, x) if self.is_initializing() else fused(self, x)
+
+  # _qkv_fused falls back to _qkv while initialising: keep that pointing at the original.
+  with _swapped(cls, "_qkv", qkv), _swapped(cls, "_qkv_fused", lambda self, x: separate(self, x)):
+    yield
+
+
+def build_step():
+  """The compiled (b) step (as benchmarks/compare_reference.py builds it) and its runner."""
+  gpt = transformer.GPT(vocab_size=1024, block_size=FLAGS.seq_len, n_layer=8, n_head=8,
+                        n_embd=512)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (FLAGS.batch, FLAGS.seq_len + 1), 0, 1024)
+  params = jax.jit(gpt.init)(jax.random.PRNGKey(0), tokens[:1, :-1])["params"]
+  tx = optax.adam(1e-4)
+
+  def step(state, tokens):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = gpt.apply({"params": p}, tokens[:, :-1], train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  state = (params, tx.init(params))
+  compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
+  holder = {"state": state}
+
+  def run():
+    holder["state"], loss = compiled(holder["state"], tokens)
+    return float(loss)
+
+  return run
+
+
+def main(argv):
+  del argv
+  unknown = [p for v in FLAGS.variants for p in v.split("+") if p != "base" and p not in PATCHES]
+  if unknown:
+    raise app.UsageError(f"unknown variant parts {unknown}; known: base, {', '.join(PATCHES)}")
+  runs = {}
+  for variant in FLAGS.variants:
+    with contextlib.ExitStack() as stack:
+      for part in variant.split("+"):
+        if part != "base":
+          stack.enter_context(PATCHES[part]())
+      runs[variant] = build_step()
+    for _ in range(2):  # warm-up
+      runs[variant]()
+  times = {v: [] for v in runs}
+  load_start = os.getloadavg()[0]
+  for _ in range(FLAGS.rounds):
+    for variant, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[variant].append(time.perf_counter() - start)
+  base = statistics.median(times[FLAGS.variants[0]])
+  rows = {v: {"median_s": statistics.median(t), "min_s": min(t), "runs_s": t,
+              "vs_first": statistics.median(t) / base} for v, t in times.items()}
+  for v, r in rows.items():
+    print(f"{v:28s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  "
+          f"x{r['vs_first']:.3f} of {FLAGS.variants[0]}")
+  print(json.dumps({"rounds": FLAGS.rounds, "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()[0], "variants": rows}))
+
+
+if __name__ == "__main__":
+  app.run(main)
