@@ -498,7 +498,8 @@ def bench_sample(config) -> Dict[str, Any]:
 
 CONV_SHAPES = (
     # (height=width, cin, cout): VGG16 / LPIPS deep stages and the VQGAN's low levels
-    (2, 512, 512), (4, 512, 512), (4, 256, 256), (8, 512, 512), (16, 256, 256),
+    (2, 512, 512), (4, 512, 512), (4, 256, 256), (8, 512, 512), (8, 128, 128),
+    (16, 256, 256), (16, 128, 128), (32, 64, 64),
 )
 
 
@@ -525,12 +526,15 @@ def bench_conv(config) -> Dict[str, Any]:
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, cin), jnp.float32)
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout), jnp.float32) * 0.02
     ct = jax.random.normal(jax.random.PRNGKey(2), (batch, size, size, cout), jnp.float32)
-    fwd = lambda x, w: layers.conv2d(x, w, (1, 1), pad)
-    grad = jax.grad(lambda x, w: jnp.vdot(layers.conv2d(x, w, (1, 1), pad), ct), argnums=(0, 1))
     f = flops_lib.conv_flops(batch, size, size, 3, 3, cin, cout)
     row = {"shape": f"{batch}x{size}x{size}x{cin}->{cout}", "positions": size * size,
            "uses_im2col": size * size <= layers.IM2COL_MAX_POSITIONS}
     for path, limit in (("xla", -1), ("im2col", 1 << 30)):
+      # New functions per path: jax.jit caches traces per function object, so reusing one
+      # would time the first path's trace twice.
+      fwd = lambda x, w: layers.conv2d(x, w, (1, 1), pad)
+      grad = jax.grad(lambda x, w: jnp.vdot(layers.conv2d(x, w, (1, 1), pad), ct),  # pylint: disable=cell-var-from-loop
+                      argnums=(0, 1))
       for name, fn, mult in (("fwd", fwd, 1), ("grad", grad, 3)):
         with _im2col_limit(limit):
           compiled, _ = compile_timed(jax.jit(fn), x, w)
