@@ -18,6 +18,7 @@ def sample_result(tmp_path_factory):
          "--n_layer=1", "--n_head=2", "--n_embd=32", "--sample_lengths=16", "--positions=8,16",
          "--decode_steps=4", "--decode_rounds=2", "--kv_rounds=3", "--naive_steps=4",
          "--long_length=16", "--nofull_long_sampling", "--train_lengths=16", "--train_steps=1",
+         "--scaling_batches=1,3", "--scaling_length=12", "--window=3", "--sliding_grid=5",
          "--peak_size=256", f"--output={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -51,3 +52,16 @@ def test_per_token_and_long_sampling_rows(sample_result):
   # Estimated from the per-token time at the last position.
   assert long["softmax_cache"]["s"] == pytest.approx(per_token["softmax"]["16"]["s_per_token"] * 16)
   assert set(sample_result["train_steps"]) == {"softmax", "linear", "batch"}
+
+
+def test_batch_scaling_and_sliding_window_rows(sample_result):
+  scaling = sample_result["batch_scaling"]
+  assert scaling["tokens"] == 12 and set(scaling["batches"]) == {"1", "3"}
+  for b, row in scaling["batches"].items():
+    assert len(row["runs_s"]) == 3
+    assert row["tokens_per_s"] == pytest.approx(int(b) * 12 / row["s"])
+  assert scaling["batches"]["1"]["tokens_per_s_vs_first"] == 1.0
+  window = sample_result["sliding_window"]
+  assert (window["window"], window["grid"], window["positions"]) == (3, 5, 25)
+  assert window["tokens_per_s"] == pytest.approx(25 / window["s"])
+  assert window["flops_per_position"] > 0

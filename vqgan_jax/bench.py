@@ -19,7 +19,8 @@ stage1_step / stage2_step add:
   compile_s (lower + compile), steps, warmup, step_s_median / step_s_min / step_s_max,
   examples_per_s, tokens_per_s (stage 2), flops_per_step (vqgan_jax.flops, analytic),
   achieved_flops_per_s = flops_per_step / step_s_median, mfu = achieved / peak.
-sample adds `kv_vs_naive`, `per_token`, `long_sampling` and `train_steps` sections,
+sample adds `kv_vs_naive`, `per_token`, `long_sampling`, `batch_scaling`, `sliding_window`
+and `train_steps` sections,
 conv adds `shapes`; attention adds `kernels` (forward and gradient seconds of one layer's
 causal attention per implementation); see the functions below for their fields.
 
@@ -76,6 +77,13 @@ flags.DEFINE_list("positions", ["256", "1024", "4096"], "sample: per-token decod
 flags.DEFINE_integer("decode_steps", 64, "sample: decode steps per timed scan.")
 flags.DEFINE_integer("kv_rounds", 3, "sample: alternating timed runs of the cached and the "
                      "recomputing sampler per --sample_lengths entry.")
+flags.DEFINE_list("scaling_batches", ["1", "4", "16"], "sample: batch sizes of the KV-cache "
+                  "batch-scaling runs (empty: skip).")
+flags.DEFINE_integer("scaling_length", 256, "sample: tokens per sequence in batch scaling.")
+flags.DEFINE_integer("window", 16, "sample: side of the sliding-window sampler's window (the "
+                     "GPT sees 1 condition token + window^2 tokens); 0 skips it.")
+flags.DEFINE_integer("sliding_grid", 20, "sample: side of the token grid the sliding-window "
+                     "sampler fills (one full window forward per grid position).")
 flags.DEFINE_integer("decode_rounds", 7, "sample: timed scans per position (interleaved).")
 flags.DEFINE_integer("long_length", 4096, "sample: tokens of the long sampling comparison.")
 flags.DEFINE_bool("full_long_sampling", True, "sample: really sample long_length tokens with "
@@ -473,6 +481,63 @@ def train_lengths(lengths: Sequence[int], batch: int, peak) -> Dict[str, Any]:
   return out
 
 
+def batch_scaling(length: int, batches: Sequence[int]) -> Dict[str, Any]:
+  """KV-cache sampling (`sampling.sample`) of `length` tokens after one prefix token at each
+  batch size; the sizes alternate round by round (`kv_rounds` timed runs each, after one
+  warm-up). At batch 1 a decoding step is bound by reading the weights, so larger batches
+  add tokens almost for free until the matmuls become compute-bound."""
+  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+  gpt = gpt_from_flags(block_size=length, attention="softmax")
+  params = _init_gpt(gpt)
+  key = jax.random.PRNGKey(5)
+  runs = {}
+  for b in batches:
+    args = dict(params=params, model=gpt, prefix_tokens=jnp.zeros((b, 1), jnp.int32),
+                num_tokens=length, key=key)
+    compiled, compile_s = compile_timed(sampling.sample, **args)
+    call = functools.partial(
+        lambda c, kw: c(**kw).block_until_ready(), compiled,
+        {a: v for a, v in args.items() if a not in ("model", "num_tokens")})
+    call()
+    runs[b] = (call, compile_s, [])
+  for _ in range(FLAGS.kv_rounds):
+    for call, _, times in runs.values():
+      times += time_calls(call, 1, 0)
+  rows = {}
+  for b, (_, compile_s, times) in runs.items():
+    t = statistics.median(times)
+    rows[str(b)] = {"s": t, "runs_s": times, "compile_s": compile_s,
+                    "tokens_per_s": b * length / t, "s_per_decoding_step": t / length}
+  first = rows[str(batches[0])]["tokens_per_s"]
+  for row in rows.values():
+    row["tokens_per_s_vs_first"] = row["tokens_per_s"] / first
+  return {"tokens": length, "rounds": FLAGS.kv_rounds, "batches": rows}
+
+
+def sliding_window(window: int, grid: int, batch: int) -> Dict[str, Any]:
+  """`sampling.sample_sliding_window` filling a grid x grid token grid with a GPT whose
+  context is one condition token + a window x window grid: one full window forward per
+  grid position (no cache, as the reference). One timed run after compilation."""
+  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+  if grid < window:
+    raise app.UsageError(f"--sliding_grid={grid} is smaller than --window={window}")
+  gpt = gpt_from_flags(block_size=1 + window * window, attention="softmax")
+  params = _init_gpt(gpt)
+  args = dict(params=params, model=gpt, cond_tokens=jnp.zeros((batch, 1), jnp.int32),
+              grid_h=grid, grid_w=grid, window_h=window, window_w=window,
+              key=jax.random.PRNGKey(6))
+  compiled, compile_s = compile_timed(sampling.sample_sliding_window, **args)
+  dynamic = {a: v for a, v in args.items()
+             if a not in ("model", "grid_h", "grid_w", "window_h", "window_w")}
+  (t,) = time_calls(lambda: compiled(**dynamic).block_until_ready(), 1, 0)
+  positions = grid * grid
+  return {"window": window, "grid": grid, "batch": batch, "s": t, "compile_s": compile_s,
+          "positions": positions, "tokens_per_s": batch * positions / t,
+          "s_per_position": t / positions,
+          "flops_per_position": flops_lib.gpt_forward_flops(batch, window * window,
+                                                            **gpt_flop_kwargs(gpt))}
+
+
 def bench_sample(config) -> Dict[str, Any]:
   del config  # sampling uses the GPT flags (several block sizes are needed)
   batch = FLAGS.sample_batch
@@ -488,6 +553,13 @@ def bench_sample(config) -> Dict[str, Any]:
   if FLAGS.long_length:
     result["long_sampling"] = long_sampling(FLAGS.long_length, batch, result["per_token"])
     logging.info("long_sampling done: %s", result["long_sampling"])
+  if FLAGS.scaling_batches:
+    result["batch_scaling"] = batch_scaling(FLAGS.scaling_length,
+                                            [int(b) for b in FLAGS.scaling_batches])
+    logging.info("batch_scaling done: %s", result["batch_scaling"])
+  if FLAGS.window:
+    result["sliding_window"] = sliding_window(FLAGS.window, FLAGS.sliding_grid, batch)
+    logging.info("sliding_window done: %s", result["sliding_window"])
   lengths = [int(t) for t in FLAGS.train_lengths]
   if lengths:
     result["train_steps"] = train_lengths(lengths, FLAGS.train_batch, peak["peak_flops_per_s"])
