@@ -63,5 +63,10 @@ def test_batch_scaling_and_sliding_window_rows(sample_result):
   assert scaling["batches"]["1"]["tokens_per_s_vs_first"] == 1.0
   window = sample_result["sliding_window"]
   assert (window["window"], window["grid"], window["positions"]) == (3, 5, 25)
-  assert window["tokens_per_s"] == pytest.approx(25 / window["s"])
-  assert window["flops_per_position"] > 0
+  # 5 x 5 grid, 3 x 3 window: left = clip(j - 1, 0, 2) is 0, 0, 1, 2, 2 along a row, so
+  # the origin repeats at j = 1 and j = 4 of each of the 5 rows.
+  assert window["cached"]["cached_positions"] == 10
+  assert window["recomputed"]["cached_positions"] == 0
+  for row in (window["cached"], window["recomputed"]):
+    assert row["tokens_per_s"] == pytest.approx(25 / row["s"])
+  assert window["cache_speedup"] == pytest.approx(window["recomputed"]["s"] / window["cached"]["s"])

@@ -224,6 +224,25 @@ def test_sliding_window_on_a_larger_grid(model, params, prefix, key):
   np.testing.assert_array_equal(grid[:, 0, :WIN // 2 + 1], plain[:, :WIN // 2 + 1])
 
 
+@pytest.mark.parametrize("spatial", [False, True])
+def test_sliding_window_cache_gives_the_recomputed_grid(model, params, prefix, key, spatial):
+  h, w = WIN + 2, 2 * WIN + 1
+  cond = None
+  if spatial:
+    cond = jnp.asarray(np.random.default_rng(3).integers(N_CODES, 60, (2, h, w)), jnp.int32)
+  kw = dict(KW, temperature=1.0, spatial_cond=cond, return_info=True)
+  cached, info = sample_sliding_window(params, model, prefix, h, w, WIN, WIN, key, **kw)
+  plain, plain_info = sample_sliding_window(params, model, prefix, h, w, WIN, WIN, key,
+                                            use_cache=False, **kw)
+  np.testing.assert_array_equal(cached, plain)
+  assert not np.asarray(plain_info["cached"]).any()
+  # A position is a cached decoding step iff its window origin equals the previous one's.
+  origin = np.stack([info["top"], info["left"]], 1)
+  expected = np.concatenate([[False], (origin[1:] == origin[:-1]).all(1)]).reshape(h, w)
+  np.testing.assert_array_equal(info["cached"], expected)
+  assert 0 < expected.sum() < h * w
+
+
 def test_sliding_window_with_spatial_condition(model, params, prefix, key):
   spatial = jnp.asarray(np.random.default_rng(7).integers(N_CODES, 60, (2, WIN, WIN)), jnp.int32)
   grid = sample_sliding_window(params, model, prefix, WIN, WIN, WIN, WIN, key,

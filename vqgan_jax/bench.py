@@ -516,26 +516,36 @@ def batch_scaling(length: int, batches: Sequence[int]) -> Dict[str, Any]:
 
 def sliding_window(window: int, grid: int, batch: int) -> Dict[str, Any]:
   """`sampling.sample_sliding_window` filling a grid x grid token grid with a GPT whose
-  context is one condition token + a window x window grid: one full window forward per
-  grid position (no cache, as the reference). One timed run after compilation."""
+  context is one condition token + a window x window grid, with the KV cache where the
+  window origin repeats (`cached`) and with one full window forward per grid position, as
+  the reference (`recomputed`). One timed run of each after compilation."""
   from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   if grid < window:
     raise app.UsageError(f"--sliding_grid={grid} is smaller than --window={window}")
   gpt = gpt_from_flags(block_size=1 + window * window, attention="softmax")
   params = _init_gpt(gpt)
-  args = dict(params=params, model=gpt, cond_tokens=jnp.zeros((batch, 1), jnp.int32),
-              grid_h=grid, grid_w=grid, window_h=window, window_w=window,
-              key=jax.random.PRNGKey(6))
-  compiled, compile_s = compile_timed(sampling.sample_sliding_window, **args)
-  dynamic = {a: v for a, v in args.items()
-             if a not in ("model", "grid_h", "grid_w", "window_h", "window_w")}
-  (t,) = time_calls(lambda: compiled(**dynamic).block_until_ready(), 1, 0)
   positions = grid * grid
-  return {"window": window, "grid": grid, "batch": batch, "s": t, "compile_s": compile_s,
-          "positions": positions, "tokens_per_s": batch * positions / t,
-          "s_per_position": t / positions,
-          "flops_per_position": flops_lib.gpt_forward_flops(batch, window * window,
-                                                            **gpt_flop_kwargs(gpt))}
+  out = {"window": window, "grid": grid, "batch": batch, "positions": positions,
+         "flops_per_full_forward": flops_lib.gpt_forward_flops(batch, window * window,
+                                                               **gpt_flop_kwargs(gpt))}
+  for name, use_cache in (("cached", True), ("recomputed", False)):
+    args = dict(params=params, model=gpt, cond_tokens=jnp.zeros((batch, 1), jnp.int32),
+                grid_h=grid, grid_w=grid, window_h=window, window_w=window,
+                key=jax.random.PRNGKey(6), use_cache=use_cache, return_info=True)
+    compiled, compile_s = compile_timed(sampling.sample_sliding_window, **args)
+    dynamic = {a: v for a, v in args.items() if a not in (
+        "model", "grid_h", "grid_w", "window_h", "window_w", "use_cache", "return_info")}
+    holder = {}
+
+    def run(compiled=compiled, dynamic=dynamic, holder=holder):
+      holder["out"] = jax.block_until_ready(compiled(**dynamic))
+
+    (t,) = time_calls(run, 1, 0)
+    out[name] = {"s": t, "compile_s": compile_s, "tokens_per_s": batch * positions / t,
+                 "s_per_position": t / positions,
+                 "cached_positions": int(holder["out"][1]["cached"].sum())}
+  out["cache_speedup"] = out["recomputed"]["s"] / out["cached"]["s"]
+  return out
 
 
 def bench_sample(config) -> Dict[str, Any]:

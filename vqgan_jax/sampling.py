@@ -179,12 +179,14 @@ def window_origin(i, j, grid_h: int, grid_w: int, window_h: int, window_w: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "grid_h", "grid_w", "window_h", "window_w",
-                                             "top_k", "num_image_codes", "return_info"))
+                                             "top_k", "num_image_codes", "return_info",
+                                             "use_cache"))
 def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Array], grid_h: int,
                           grid_w: int, window_h: int, window_w: int, key: jax.Array,
                           temperature=1.0, top_k: Optional[int] = None, top_p=None,
                           spatial_cond: Optional[jax.Array] = None,
-                          num_image_codes: Optional[int] = None, return_info: bool = False):
+                          num_image_codes: Optional[int] = None, return_info: bool = False,
+                          use_cache: bool = True):
   """Sample a (B, grid_h, grid_w) token grid with a model trained on window_h x window_w.
 
   Positions are visited in raster order. For target (i, j) the window at `window_origin`
@@ -192,11 +194,19 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
   sees [cond_tokens (B, Pc), spatial_cond cropped with the same window and flattened
   (B, wh*ww) if given, window tokens] and the target is drawn from the logits at the
   position before its flat index local_i * ww + local_j. Window tokens after the target
-  are stale placeholders that causal attention hides. One compiled fori_loop; the full
-  window forward is recomputed per position (no cache).
+  are stale placeholders that causal attention hides. One compiled fori_loop.
+
+  Where a position has the same window origin as the one before (along the clamped
+  borders, or everywhere when the grid is the window), the window holds the same tokens up
+  to the target, so with `use_cache` (softmax attention only) that position is one KV-cache
+  decoding step on the token just sampled; any other position runs the full window forward
+  (as the reference does for all of them) and refills the cache. Without `use_cache`, or
+  with linear attention (whose state would absorb the stale tokens), every position runs
+  the full forward.
 
   With return_info, also returns {"visits": (H, W) number of times each position was
-  sampled, "order": (H, W) the step that sampled it, "top"/"left": (H*W,) window origins}.
+  sampled, "order": (H, W) the step that sampled it, "top"/"left": (H*W,) window origins,
+  "cached": (H, W) whether it was a KV-cache decoding step}.
   """
   if grid_h < window_h or grid_w < window_w:
     raise ValueError("the grid must be at least as large as the window")
@@ -210,35 +220,66 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
   _check_lengths(model, prefix_len, window_h * window_w)
   length = prefix_len + window_h * window_w - 1
 
+  use_cache = use_cache and model.attention == "softmax"
+
   def crop(x, top, left):
     return lax.dynamic_slice(x, (0, top, left), (batch, window_h, window_w)).reshape(batch, -1)
 
-  def body(p, carry):
-    grid, info = carry
-    i, j = p // grid_w, p % grid_w
-    top, left = window_origin(i, j, grid_h, grid_w, window_h, window_w)
+  def window_logits(grid, top, left, flat, cache):
+    """Full forward over the window; returns the target's logits and a cache holding the
+    window (its slots after the target hold stale tokens that later steps overwrite)."""
     seq = [cond_tokens.astype(jnp.int32)]
     if spatial_cond is not None:
       seq.append(crop(spatial_cond.astype(jnp.int32), top, left))
     seq.append(crop(grid, top, left))
     seq = jnp.concatenate(seq, axis=1)[:, :length]
-    flat = (i - top) * window_w + (j - left)
-    logits = model.apply(params, seq)
+    if cache is None:
+      logits = model.apply(params, seq)
+    else:
+      logits, cache = model.apply(params, seq, model.init_cache(batch, length),
+                                  method=GPT.prefill)
     logits = lax.dynamic_index_in_dim(logits, prefix_len + flat - 1, axis=1, keepdims=False)
+    return logits, cache
+
+  def body(p, carry):
+    grid, info, state = carry
+    i, j = p // grid_w, p % grid_w
+    top, left = window_origin(i, j, grid_h, grid_w, window_h, window_w)
+    flat = (i - top) * window_w + (j - left)
+    same = jnp.bool_(False)
+    if state is None:
+      logits, _ = window_logits(grid, top, left, flat, None)
+    else:
+      # Same origin as the previous position: that position was flat - 1 in this window,
+      # and the cache holds the window up to the token before it.
+      same = (p > 0) & (top == state["top"]) & (left == state["left"])
+      decode = lambda cache: model.apply(params, state["token"][:, None], prefix_len + flat - 1,
+                                         cache, method=GPT.decode_step)
+      logits, cache = lax.cond(same, decode,
+                               lambda cache: window_logits(grid, top, left, flat, cache),
+                               state["cache"])
     token = sample_from_logits(logits, jax.random.fold_in(key, p), temperature, top_k, top_p,
                                num_image_codes)
     grid = grid.at[:, i, j].set(token)
+    if state is not None:
+      state = {"cache": cache, "token": token, "top": top, "left": left}
     if info is not None:
       info = {"visits": info["visits"].at[i, j].add(1), "order": info["order"].at[i, j].set(p),
-              "top": info["top"].at[p].set(top), "left": info["left"].at[p].set(left)}
-    return grid, info
+              "top": info["top"].at[p].set(top), "left": info["left"].at[p].set(left),
+              "cached": info["cached"].at[i, j].set(same)}
+    return grid, info, state
 
   n = grid_h * grid_w
   info = None
   if return_info:
     info = {"visits": jnp.zeros((grid_h, grid_w), jnp.int32),
             "order": jnp.full((grid_h, grid_w), -1, jnp.int32),
-            "top": jnp.zeros((n,), jnp.int32), "left": jnp.zeros((n,), jnp.int32)}
+            "top": jnp.zeros((n,), jnp.int32), "left": jnp.zeros((n,), jnp.int32),
+            "cached": jnp.zeros((grid_h, grid_w), bool)}
+  state = None
+  if use_cache:
+    state = {"cache": model.init_cache(batch, length), "token": jnp.zeros((batch,), jnp.int32),
+             "top": jnp.int32(-1), "left": jnp.int32(-1)}
   grid = jnp.zeros((batch, grid_h, grid_w), jnp.int32)
-  grid, info = lax.fori_loop(0, n, body, (grid, info))
+  grid, info, _ = lax.fori_loop(0, n, body, (grid, info, state))
   return (grid, info) if return_info else grid
