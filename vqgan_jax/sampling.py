@@ -225,15 +225,17 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
   def crop(x, top, left):
     return lax.dynamic_slice(x, (0, top, left), (batch, window_h, window_w)).reshape(batch, -1)
 
-  def window_logits(grid, top, left, flat, cache):
-    """Full forward over the window; returns the target's logits and a cache holding the
-    window (its slots after the target hold stale tokens that later steps overwrite)."""
+  def window_logits(grid, top, left, flat, with_cache: bool):
+    """Full forward over the window: the target's logits, and with_cache a fresh cache
+    holding the window (slots after the target hold stale tokens that later steps
+    overwrite before they attend to them)."""
     seq = [cond_tokens.astype(jnp.int32)]
     if spatial_cond is not None:
       seq.append(crop(spatial_cond.astype(jnp.int32), top, left))
     seq.append(crop(grid, top, left))
     seq = jnp.concatenate(seq, axis=1)[:, :length]
-    if cache is None:
+    cache = None
+    if not with_cache:
       logits = model.apply(params, seq)
     else:
       logits, cache = model.apply(params, seq, model.init_cache(batch, length),
@@ -248,7 +250,7 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
     flat = (i - top) * window_w + (j - left)
     same = jnp.bool_(False)
     if state is None:
-      logits, _ = window_logits(grid, top, left, flat, None)
+      logits, _ = window_logits(grid, top, left, flat, False)
     else:
       # Same origin as the previous position: that position was flat - 1 in this window,
       # and the cache holds the window up to the token before it.
@@ -256,7 +258,7 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
       decode = lambda cache: model.apply(params, state["token"][:, None], prefix_len + flat - 1,
                                          cache, method=GPT.decode_step)
       logits, cache = lax.cond(same, decode,
-                               lambda cache: window_logits(grid, top, left, flat, cache),
+                               lambda _: window_logits(grid, top, left, flat, True),
                                state["cache"])
     token = sample_from_logits(logits, jax.random.fold_in(key, p), temperature, top_k, top_p,
                                num_image_codes)
