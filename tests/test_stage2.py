@@ -234,6 +234,13 @@ def test_coord_sliding_window_equals_plain_sampler_when_grid_is_window():
   plain = sampling.sample(params, gpt, prefix, 4, key, num_image_codes=12)
   np.testing.assert_array_equal(np.asarray(grid).reshape(3, 4), np.asarray(plain))
   assert np.all(np.asarray(grid) < 12)
+  # On a larger grid the origin (and so the coordinate prefix) moves; the cached loop
+  # gives the grid the recomputing one does.
+  cached = sample.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
+                                              num_image_codes=12)
+  recomputed = sample.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
+                                                  num_image_codes=12, use_cache=False)
+  np.testing.assert_array_equal(cached, recomputed)
 
 
 # ----- sequences from real (tiny) frozen VQGANs ------------------------------------------

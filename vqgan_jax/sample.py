@@ -33,7 +33,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from vqgan_jax import checkpointing, data, sampling, stage1_trainer, stage2_trainer, train_utils
 from vqgan_jax.models import vqgan
@@ -122,33 +121,23 @@ def encode_inputs(frozen, batch) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layout", "grid_h", "grid_w", "window_h",
-                                             "window_w", "batch", "top_k", "num_image_codes"))
+                                             "window_w", "batch", "top_k", "num_image_codes",
+                                             "use_cache"))
 def sample_sliding_window_coord(params, model, layout, grid_h: int, grid_w: int,
                                 window_h: int, window_w: int, batch: int, key,
                                 temperature=1.0, top_k=None, top_p=None,
-                                num_image_codes=None):
+                                num_image_codes=None, use_cache: bool = True):
   """`sampling.sample_sliding_window` for coordinate conditioning: every window is
   conditioned on its own origin (binned relative to grid - window, as in training)."""
-  prefix_len = layout.prefix_len()
-  length = prefix_len + window_h * window_w - 1
   spans = (grid_h - window_h, grid_w - window_w)
 
-  def body(p, grid):
-    i, j = p // grid_w, p % grid_w
-    top, left = sampling.window_origin(i, j, grid_h, grid_w, window_h, window_w)
-    prefix = stage2_trainer.condition_tokens(
+  def prefix(top, left):
+    return stage2_trainer.condition_tokens(
         layout, batch, origins=(jnp.full((batch,), top), jnp.full((batch,), left)), spans=spans)
-    window = lax.dynamic_slice(grid, (0, top, left), (batch, window_h, window_w))
-    seq = jnp.concatenate([prefix, window.reshape(batch, -1)], axis=1)[:, :length]
-    flat = (i - top) * window_w + (j - left)
-    logits = model.apply(params, seq)
-    logits = lax.dynamic_index_in_dim(logits, prefix_len + flat - 1, axis=1, keepdims=False)
-    token = sampling.sample_from_logits(logits, jax.random.fold_in(key, p), temperature, top_k,
-                                        top_p, num_image_codes)
-    return grid.at[:, i, j].set(token)
 
-  grid = jnp.zeros((batch, grid_h, grid_w), jnp.int32)
-  return lax.fori_loop(0, grid_h * grid_w, body, grid)
+  return sampling.sliding_window_loop(params, model, prefix, layout.prefix_len(), batch, grid_h,
+                                      grid_w, window_h, window_w, key, temperature, top_k, top_p,
+                                      num_image_codes, use_cache=use_cache)
 
 
 # ---------------------------------------------------------------------------------------

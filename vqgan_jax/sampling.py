@@ -17,7 +17,7 @@ vocabulary covers image codes [0, n_codes) plus conditioning ids above. Pass
 """
 
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -217,23 +217,44 @@ def sample_sliding_window(params: Any, model: GPT, cond_tokens: Optional[jax.Arr
   if cond_tokens is None:
     cond_tokens = jnp.zeros((batch, 0), jnp.int32)
   prefix_len = cond_tokens.shape[1] + (window_h * window_w if spatial_cond is not None else 0)
+
+  def prefix(top, left):
+    seq = [cond_tokens.astype(jnp.int32)]
+    if spatial_cond is not None:
+      seq.append(crop_window(spatial_cond.astype(jnp.int32), top, left, window_h, window_w))
+    return jnp.concatenate(seq, axis=1)
+
+  return sliding_window_loop(params, model, prefix, prefix_len, batch, grid_h, grid_w,
+                             window_h, window_w, key, temperature, top_k, top_p,
+                             num_image_codes, return_info, use_cache)
+
+
+def crop_window(x: jax.Array, top, left, window_h: int, window_w: int) -> jax.Array:
+  """The window of x (B, H, W) at (top, left), flattened row-major -> (B, wh * ww)."""
+  return lax.dynamic_slice(x, (0, top, left), (x.shape[0], window_h, window_w)).reshape(
+      x.shape[0], -1)
+
+
+def sliding_window_loop(params: Any, model: GPT,
+                        prefix: Callable[[jax.Array, jax.Array], jax.Array], prefix_len: int, batch: int, grid_h: int, grid_w: int, window_h: int,
+                        window_w: int, key: jax.Array, temperature=1.0,
+                        top_k: Optional[int] = None, top_p=None,
+                        num_image_codes: Optional[int] = None, return_info: bool = False,
+                        use_cache: bool = True):
+  """The loop of `sample_sliding_window` (traced inside a caller's jit): `prefix(top, left)`
+  gives the (B, prefix_len) tokens the model sees before the window at that origin (the
+  condition, a cropped spatial condition, or coordinate tokens of the origin); everything
+  else is as described there."""
   _check_lengths(model, prefix_len, window_h * window_w)
   length = prefix_len + window_h * window_w - 1
-
   use_cache = use_cache and model.attention == "softmax"
-
-  def crop(x, top, left):
-    return lax.dynamic_slice(x, (0, top, left), (batch, window_h, window_w)).reshape(batch, -1)
 
   def window_logits(grid, top, left, flat, with_cache: bool):
     """Full forward over the window: the target's logits, and with_cache a fresh cache
     holding the window (slots after the target hold stale tokens that later steps
     overwrite before they attend to them)."""
-    seq = [cond_tokens.astype(jnp.int32)]
-    if spatial_cond is not None:
-      seq.append(crop(spatial_cond.astype(jnp.int32), top, left))
-    seq.append(crop(grid, top, left))
-    seq = jnp.concatenate(seq, axis=1)[:, :length]
+    seq = jnp.concatenate([prefix(top, left), crop_window(grid, top, left, window_h, window_w)],
+                          axis=1)[:, :length]
     cache = None
     if not with_cache:
       logits = model.apply(params, seq)
