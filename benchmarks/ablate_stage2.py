@@ -29,23 +29,22 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vqgan_jax  # pylint: disable=unused-import,g-import-not-at-top  (sets XLA:CPU flags first)
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
 from jax import lax  # pylint: disable=g-import-not-at-top
 
 from vqgan_jax.models import attention, transformer  # pylint: disable=g-import-not-at-top
+
+import compare_reference  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("variants", ["base", "no_attention", "no_layernorm", "relu", "gelu_erf",
                                "no_query_blocks", "qkv_fused"], "Variants, the first is the baseline.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds (each runs every variant once).")
-flags.DEFINE_integer("batch", 8, "Sequences per step.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 
 PATCHES = {}
 
@@ -129,32 +128,8 @@ def _qkv_fused():
 
 
 def build_step():
-  """The compiled (b) step (as benchmarks/compare_reference.py builds it) and its runner."""
-  gpt = transformer.GPT(vocab_size=1024, block_size=FLAGS.seq_len, n_layer=8, n_head=8,
-                        n_embd=512)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (FLAGS.batch, FLAGS.seq_len + 1), 0, 1024)
-  params = jax.jit(gpt.init)(jax.random.PRNGKey(0), tokens[:1, :-1])["params"]
-  tx = optax.adam(1e-4)
-
-  def step(state, tokens):
-    params, opt_state = state
-
-    def loss_fn(p):
-      logits = gpt.apply({"params": p}, tokens[:, :-1], train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  state = (params, tx.init(params))
-  compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
-  holder = {"state": state}
-
-  def run():
-    holder["state"], loss = compiled(holder["state"], tokens)
-    return float(loss)
-
+  """The compiled (b) step exactly as compare_reference.py builds it; returns its runner."""
+  run, _, _ = compare_reference.Ours()._build_b()  # pylint: disable=protected-access
   return run
 
 
