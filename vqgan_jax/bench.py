@@ -331,6 +331,24 @@ def _sample_time(fn, compiled_args, repeats: int, warmup: int = 1):
   return compile_s, statistics.median(times), times
 
 
+def _compiled_call(fn, static: Sequence[str], **args):
+  """(call, compile seconds): `fn` (jitted) lowered and compiled for args, and a call
+  that runs it on the non-static args and blocks on the result, which it returns."""
+  compiled, compile_s = compile_timed(fn, **args)
+  dynamic = {a: v for a, v in args.items() if a not in static}
+  return (lambda: jax.block_until_ready(compiled(**dynamic))), compile_s
+
+
+def _alternating(calls: Dict[Any, Callable[[], Any]], rounds: int) -> Dict[Any, List[float]]:
+  """Seconds of `rounds` timed calls of each, the calls alternating round by round so that
+  a drift in machine load hits all of them."""
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      times[name] += time_calls(call, 1, 0)
+  return times
+
+
 def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
   """Sampling `length` tokens after one prefix token: KV cache (`sample`) vs recomputing the
   full forward pass per token (`sample_naive`). The naive figure is extrapolated from
@@ -343,21 +361,16 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
   params = _init_gpt(gpt)
   key = jax.random.PRNGKey(3)
   k = min(FLAGS.naive_steps, length)
-  runs = {}
+  calls, compile_s = {}, {}
   for name, fn, prefix_len, num_tokens in (("kv", sampling.sample, 1, length),
                                            ("naive", sampling.sample_naive, length - k + 1, k)):
-    args = dict(params=params, model=gpt, prefix_tokens=jnp.zeros((batch, prefix_len), jnp.int32),
-                num_tokens=num_tokens, key=key)
-    compiled, compile_s = compile_timed(fn, **args)
-    dynamic = {a: v for a, v in args.items() if a not in ("model", "num_tokens")}
-    call = lambda compiled=compiled, dynamic=dynamic: compiled(**dynamic).block_until_ready()
+    calls[name], compile_s[name] = _compiled_call(
+        fn, ("model", "num_tokens"), params=params, model=gpt, key=key, num_tokens=num_tokens,
+        prefix_tokens=jnp.zeros((batch, prefix_len), jnp.int32))
     if length <= 512:
-      call()
-    runs[name] = (call, compile_s, [])
-  for _ in range(FLAGS.kv_rounds):
-    for call, _, times in runs.values():
-      times += time_calls(call, 1, 0)
-  (_, c_compile, c_all), (_, n_compile, n_all) = runs["kv"], runs["naive"]
+      calls[name]()
+  times = _alternating(calls, FLAGS.kv_rounds)
+  (c_compile, c_all), (n_compile, n_all) = [(compile_s[n], times[n]) for n in ("kv", "naive")]
   c_time = statistics.median(c_all)
   naive_total = statistics.median(n_all) / k * length
   return {"tokens": length, "batch": batch,
@@ -490,23 +503,16 @@ def batch_scaling(length: int, batches: Sequence[int]) -> Dict[str, Any]:
   gpt = gpt_from_flags(block_size=length, attention="softmax")
   params = _init_gpt(gpt)
   key = jax.random.PRNGKey(5)
-  runs = {}
+  calls, compile_s = {}, {}
   for b in batches:
-    args = dict(params=params, model=gpt, prefix_tokens=jnp.zeros((b, 1), jnp.int32),
-                num_tokens=length, key=key)
-    compiled, compile_s = compile_timed(sampling.sample, **args)
-    call = functools.partial(
-        lambda c, kw: c(**kw).block_until_ready(), compiled,
-        {a: v for a, v in args.items() if a not in ("model", "num_tokens")})
-    call()
-    runs[b] = (call, compile_s, [])
-  for _ in range(FLAGS.kv_rounds):
-    for call, _, times in runs.values():
-      times += time_calls(call, 1, 0)
+    calls[b], compile_s[b] = _compiled_call(
+        sampling.sample, ("model", "num_tokens"), params=params, model=gpt, key=key,
+        prefix_tokens=jnp.zeros((b, 1), jnp.int32), num_tokens=length)
+    calls[b]()
   rows = {}
-  for b, (_, compile_s, times) in runs.items():
+  for b, times in _alternating(calls, FLAGS.kv_rounds).items():
     t = statistics.median(times)
-    rows[str(b)] = {"s": t, "runs_s": times, "compile_s": compile_s,
+    rows[str(b)] = {"s": t, "runs_s": times, "compile_s": compile_s[b],
                     "tokens_per_s": b * length / t, "s_per_decoding_step": t / length}
   first = rows[str(batches[0])]["tokens_per_s"]
   for row in rows.values():
@@ -532,18 +538,15 @@ def sliding_window(window: int, grid: int, batch: int) -> Dict[str, Any]:
     args = dict(params=params, model=gpt, cond_tokens=jnp.zeros((batch, 1), jnp.int32),
                 grid_h=grid, grid_w=grid, window_h=window, window_w=window,
                 key=jax.random.PRNGKey(6), use_cache=use_cache, return_info=True)
-    compiled, compile_s = compile_timed(sampling.sample_sliding_window, **args)
-    dynamic = {a: v for a, v in args.items() if a not in (
-        "model", "grid_h", "grid_w", "window_h", "window_w", "use_cache", "return_info")}
-    holder = {}
-
-    def run(compiled=compiled, dynamic=dynamic, holder=holder):
-      holder["out"] = jax.block_until_ready(compiled(**dynamic))
-
-    (t,) = time_calls(run, 1, 0)
+    call, compile_s = _compiled_call(
+        sampling.sample_sliding_window,
+        ("model", "grid_h", "grid_w", "window_h", "window_w", "use_cache", "return_info"), **args)
+    start = time.perf_counter()
+    _, info = call()
+    t = time.perf_counter() - start
     out[name] = {"s": t, "compile_s": compile_s, "tokens_per_s": batch * positions / t,
                  "s_per_position": t / positions,
-                 "cached_positions": int(holder["out"][1]["cached"].sum())}
+                 "cached_positions": int(info["cached"].sum())}
   out["cache_speedup"] = out["recomputed"]["s"] / out["cached"]["s"]
   return out
 
