@@ -42,16 +42,17 @@ Cache = Dict[str, jax.Array]
 
 def _head_major_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                           mask: jax.Array, dropout=None) -> jax.Array:
-  """Softmax attention of q (B, H, Tq, D) over keys/values (B, H, Tk, D), where query i
-  sees key j iff mask[i, j]; returns (B, H, Tq, D). Scores and softmax in float32."""
+  """Softmax attention of q (..., Tq, D) over keys/values (..., Tk, D) with the same leading
+  (batch) dimensions, e.g. (B, H) or (B * H,), where query i sees key j iff mask[i, j];
+  returns (..., Tq, D). Scores and softmax in float32."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, keys.astype(q.dtype),
+  scores = jnp.einsum("...qd,...kd->...qk", q * scale, keys.astype(q.dtype),
                       preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:
     probs = dropout(probs)
-  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
+  return jnp.einsum("...qk,...kd->...qd", probs.astype(q.dtype), values.astype(q.dtype))
 
 
 def causal_query_blocks(t: int, max_blocks: int = 8, min_size: int = 64):
@@ -99,13 +100,8 @@ def _cached_softmax_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
   update twice and copy every layer's cache at every decoding step.
   """
   b, t, h, d = q.shape
-  scale = jnp.asarray(d ** -0.5, q.dtype)
-  scores = jnp.einsum("nqd,nkd->nqk", _fold_heads(q) * scale, keys.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
   mask = jnp.arange(keys.shape[1])[None, :] <= q_positions[:, None]  # (Tq, L)
-  scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("nqk,nkd->nqd", probs.astype(q.dtype), values.astype(q.dtype))
+  out = _head_major_attention(_fold_heads(q), keys, values, mask)
   return out.reshape(b, h, t, d).transpose(0, 2, 1, 3)
 
 

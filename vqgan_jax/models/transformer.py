@@ -73,10 +73,11 @@ class CausalSelfAttention(nn.Module):
   def kernel(self):
     return get_attention(self.attention, self.linear_chunk_size)
 
+  def _heads(self, y):
+    return y.reshape(*y.shape[:2], self.n_head, self.n_embd // self.n_head)
+
   def _qkv(self, x):
-    b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, self.n_head, self.n_embd // self.n_head)
-    return split(self.query(x)), split(self.key(x)), split(self.value(x))
+    return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
 
   def _qkv_fused(self, x):
     """`_qkv` as one matmul over the query, key and value kernels side by side (the same
@@ -86,13 +87,11 @@ class CausalSelfAttention(nn.Module):
     is loop-invariant, so XLA computes it once, before the loop."""
     if self.is_initializing():
       return self._qkv(x)
-    b, t, _ = x.shape
     params = [m.variables["params"] for m in (self.query, self.key, self.value)]
     kernel = jnp.concatenate([p["kernel"] for p in params], axis=1).astype(self.dtype)
     bias = jnp.concatenate([p["bias"] for p in params]).astype(self.dtype)
     y = jnp.dot(x.astype(self.dtype), kernel) + bias
-    split = lambda y: y.reshape(b, t, self.n_head, self.n_embd // self.n_head)
-    return tuple(split(part) for part in jnp.split(y, 3, axis=-1))
+    return tuple(self._heads(part) for part in jnp.split(y, 3, axis=-1))
 
   def _out(self, y, train: bool):
     b, t = y.shape[:2]
