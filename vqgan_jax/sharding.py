@@ -216,6 +216,42 @@ def batch_devices(mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def nearest_valid_batch(batch_size: int, multiple: int) -> int:
+  """The multiple of `multiple` nearest to batch_size (ties go up; at least `multiple`)."""
+  below = (batch_size // multiple) * multiple
+  above = below + multiple
+  if below <= 0:
+    return multiple
+  return below if batch_size - below < above - batch_size else above
+
+
+def check_batch_size(batch_size: int, mesh, what: str, accum_steps: int = 1,
+                     fix: str = "") -> None:
+  """Raises ValueError unless `batch_size` splits evenly over accumulation steps, the batch
+  shards (data x fsdp) of `mesh` and the processes.
+
+  The message names the setting (`what`, e.g. "config.eval_batch_size"), both numbers and
+  the nearest valid choice, so a pod config fails before anything compiles. `fix` names
+  another way out (e.g. the flag that sets grad accumulation).
+  """
+  shards = batch_devices(mesh)
+  processes = jax.process_count()
+  accum_steps = max(int(accum_steps), 1)
+  multiple = int(np.lcm(shards, processes)) * accum_steps
+  if batch_size > 0 and batch_size % multiple == 0:
+    return
+  parts = [f"{shards} batch shards (mesh data x fsdp = {mesh.shape['data']} x "
+           f"{mesh.shape['fsdp']})"]
+  if processes > 1:
+    parts.append(f"{processes} processes")
+  if accum_steps > 1:
+    parts.append(f"{accum_steps} accumulation steps")
+  raise ValueError(
+      f"{what}={batch_size} does not split over " + " and ".join(parts)
+      + f": it must be a positive multiple of {multiple}; nearest valid: "
+      f"{nearest_valid_batch(batch_size, multiple)}" + (f" ({fix})" if fix else ""))
+
+
 def _batch_spec(mesh, rows: int):
   """Rows split over data x fsdp when they divide evenly; else replicated."""
   return BATCH_AXES if rows % batch_devices(mesh) == 0 else None
