@@ -387,6 +387,40 @@ def test_tfds_train_and_eval(tiny_tfds):
   assert np.all(next(data.make_train_iterator(c, batch_size=2, seed=0))["label"] == 0)
 
 
+def test_tfds_prepared_as_tfrecord_says_how_to_convert(tmp_path):
+  """tfds.data_source cannot read TFRecord (the default format of many builders): the
+  pipeline names the dataset and data dir and gives the ArrayRecord commands."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  data_dir = str(tmp_path / "tfds")
+  rng = np.random.default_rng(1)
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="vqgan_tfrecord_images", version="1.0.0",
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=2)}),
+      split_datasets={"train": [(f"t{i}", {"image": rng.integers(0, 256, (S, S, 3), np.uint8),
+                                           "label": i % 2}) for i in range(2)]},
+      config=None, data_dir=data_dir, file_format="tfrecord")
+  version_dir = os.path.join(data_dir, "vqgan_tfrecord_images", "1.0.0")
+  assert any(".tfrecord-" in f for f in os.listdir(version_dir))
+  c = data.default_data_config()
+  c.name = "tfds"
+  c.image_size = S
+  c.tfds.tfds_name = "vqgan_tfrecord_images"
+  c.tfds.tfds_data_dir = data_dir
+  for call in (lambda: data.make_train_iterator(c, batch_size=2, seed=0),
+               lambda: data.dataset_info(c)):
+    with pytest.raises(ValueError) as err:
+      call()
+    msg = str(err.value)
+    assert "'vqgan_tfrecord_images'" in msg and f"data_dir {data_dir} " in msg
+    assert "only as tfrecord" in msg and "array_record" in msg
+    assert (f"tfds convert_format --dataset_version_dir={version_dir} "
+            "--out_file_format=array_record") in msg
+    assert (f"tfds build vqgan_tfrecord_images --data_dir={data_dir} "
+            "--file_format=array_record") in msg
+
+
 # ----------------------------------------------------------------------------
 # Worker processes.
 

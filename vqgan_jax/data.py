@@ -576,8 +576,45 @@ def _padding_example(size):
 
 def _tfds_source(tc, split: str):
   import tensorflow_datasets as tfds  # Lazy: heavy import, only needed here.
-  return tfds.data_source(tc.tfds_name, split=split, data_dir=tc.tfds_data_dir or None,
-                          download=False)
+  data_dir = tc.tfds_data_dir or None
+  try:
+    return tfds.data_source(tc.tfds_name, split=split, data_dir=data_dir, download=False)
+  except Exception as err:  # pylint: disable=broad-except
+    # tfds words this failure differently with and without data_dir (NotImplementedError
+    # "Random access data source ... not supported" / ValueError "File format
+    # array_record does not match"); look at what is on disk instead.
+    message = _tfds_sequential_only_message(tfds, tc.tfds_name, tc.tfds_data_dir)
+    if message is None:
+      raise
+    raise ValueError(message) from err
+
+
+def _tfds_sequential_only_message(tfds, name: str, data_dir: str) -> str | None:
+  """The error text for a TFDS dataset prepared only in formats tfds.data_source cannot
+  read (TFRecord, the default of many builders), or None if that is not the case (or
+  cannot be told: then the original error stands)."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    formats = {f.value for f in builder.info.available_file_formats()}
+    readable = {f.value for f in tfds.core.file_adapters.FileFormat.with_random_access()}
+    version_dir = str(builder.data_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not formats or formats & readable:
+    return None
+  root = data_dir or f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
+  data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+  return (
+      f"tfds dataset {name!r} in data_dir {root} is prepared at {version_dir} only as "
+      f"{', '.join(sorted(formats))}, but the input pipeline reads TFDS through "
+      f"tfds.data_source, which needs random access: {' or '.join(sorted(readable))}. "
+      "Add ArrayRecord shards beside the existing ones (the data_dir stays the same):\n"
+      f"  tfds convert_format --dataset_version_dir={version_dir} "
+      "--out_file_format=array_record\n"
+      "or prepare the dataset again as ArrayRecord:\n"
+      f"  tfds build {name}{data_dir_flag} --file_format=array_record --overwrite\n"
+      "(the `tfds` command of tensorflow-datasets 4.9 imports apache_beam at start-up: "
+      "pip install apache-beam first).")
 
 
 def _tfds_label(example, label_key: str) -> int:
