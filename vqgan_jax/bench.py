@@ -6,6 +6,10 @@ r"""Benchmarks: step times, throughput, analytic FLOPs and MFU, printed as ONE J
   python -m vqgan_jax.bench --task sample   [GPT flags as stage2_step]
   python -m vqgan_jax.bench --task conv
   python -m vqgan_jax.bench --task attention [--attention_length 256 --batch_size 8]
+  python -m vqgan_jax.bench --task data [--config configs/vqgan_imagenet_f16_16384.py] \
+      [--data_sources photos,folder,tfds --num_workers 0,2,8 --image_size 256] \
+      [--data_folder DIR] [--tfds_name NAME --tfds_data_dir DIR] \
+      [--global_batch B --step_seconds S --num_hosts H | --dry_run_json FILE] [--json OUT]
 
 Config overrides use ml_collections syntax (`--config.batch_size=4`); the config is locked,
 so a misspelt key is an error rather than a silently ignored field.
@@ -22,7 +26,10 @@ stage1_step / stage2_step add:
 sample adds `kv_vs_naive`, `per_token`, `long_sampling`, `batch_scaling`, `sliding_window`
 and `train_steps` sections,
 conv adds `shapes`; attention adds `kernels` (forward and gradient seconds of one layer's
-causal attention per implementation); see the functions below for their fields.
+causal attention per implementation); data adds `rows` (images/s per host of each input
+source and worker count, through `data.make_train_iterator`) and `needed` (the images/s
+per host the training step consumes on a target slice), and also prints them as a table on
+stderr; see the functions below for their fields.
 
 Timing: each step is dispatched, then blocked on (jax.block_until_ready) before the clock
 stops; the first `warmup` executions are dropped. Train steps donate their state
@@ -32,11 +39,13 @@ stops; the first `warmup` executions are dropped. Train steps donate their state
 import contextlib
 import functools
 import json
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
 import jax
@@ -49,14 +58,17 @@ import optax
 from vqgan_jax import flops as flops_lib
 
 FLAGS = flags.FLAGS
-TASKS = ("stage1_step", "stage2_step", "sample", "conv", "attention")
+TASKS = ("stage1_step", "stage2_step", "sample", "conv", "attention", "data")
 
 flags.DEFINE_enum("task", "stage1_step", TASKS, "What to time.")
 config_flags.DEFINE_config_file(
     "config", None, "Stage-1 config (stage1_step) or transformer config (stage2_step, "
-    "sample; optional there: GPT flags are used without one).", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed executions (after warm-up).")
-flags.DEFINE_integer("warmup", 2, "Untimed executions after compilation.")
+    "sample; optional there: GPT flags are used without one); data: any training config, "
+    "whose config.data is timed (default: data.default_data_config()).", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed executions (after warm-up); data: timed batches "
+                     "per repeat.")
+flags.DEFINE_integer("warmup", 2, "Untimed executions after compilation; data: untimed "
+                     "batches (the first one includes starting the pipeline).")
 flags.DEFINE_bool("gan", False, "stage1_step: include the GAN terms and discriminator update.")
 # GPT without a config (the reference configuration (b) is the default).
 flags.DEFINE_integer("vocab_size", 1024, "GPT vocabulary.")
@@ -97,9 +109,35 @@ flags.DEFINE_integer("attention_length", 256, "attention: sequence length.")
 flags.DEFINE_integer("attention_rounds", 7, "attention: interleaved timing rounds.")
 # conv task
 flags.DEFINE_integer("conv_batch", 8, "conv: batch of every shape.")
+# data task
+flags.DEFINE_list("data_sources", ["photos", "folder", "tfds"], "data: input sources to time.")
+flags.DEFINE_integer("image_size", 256, "data: side of the training crops (data.image_size).")
+flags.DEFINE_list("num_workers", ["0", "2"], "data: grain worker processes (data.num_workers) "
+                  "to time, one row each; 0 = the main process with its reader threads.")
+flags.DEFINE_integer("data_batch_size", 16, "data: images per batch (per host).")
+flags.DEFINE_integer("repeats", 3, "data: timed repeats of --steps batches; the median "
+                     "images/s is reported.")
+flags.DEFINE_string("data_folder", None, "data: image folder to time (default: the config's "
+                    "folder_path when it is set, else a generated temporary folder).")
+flags.DEFINE_string("tfds_name", None, "data: TFDS dataset to time (default: the config's "
+                    "tfds_name when it is set, else a small ArrayRecord dataset built in a "
+                    "temporary dir from the generated images).")
+flags.DEFINE_string("tfds_data_dir", None, "data: TFDS data_dir of --tfds_name.")
+flags.DEFINE_integer("generated_images", 32, "data: images written when a folder or TFDS "
+                     "dataset is generated.")
+flags.DEFINE_string("generated_size", "500x375", "data: WIDTHxHEIGHT of generated images "
+                    "(500x375: a typical ImageNet photo; FFHQ is 1024x1024).")
+flags.DEFINE_list("generated_formats", ["jpeg", "png"], "data: file formats of the "
+                  "generated images (alternating; the TFDS dataset stores the same files).")
+flags.DEFINE_integer("global_batch", None, "data: global batch of the target training run.")
+flags.DEFINE_float("step_seconds", None, "data: seconds per training step on the target.")
+flags.DEFINE_integer("num_hosts", None, "data: hosts of the target slice.")
+flags.DEFINE_string("dry_run_json", None, "data: JSON of `python -m vqgan_jax.dry_run "
+                    "--compile`; its 'train' step gives global batch, step seconds and hosts.")
 # peak
 flags.DEFINE_integer("peak_size", 2048, "CPU: side of the f32 matmul measuring peak FLOP/s.")
 flags.DEFINE_string("output", None, "Also write the JSON object to this file.")
+flags.DEFINE_alias("json", "output")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -671,6 +709,319 @@ def bench_attention(config) -> Dict[str, Any]:
           "speedup_grad": base["grad_s_median"] / new["grad_s_median"]}
 
 
+# ------------------------------------------------------------------------------ data
+
+
+def needed_images_per_s() -> Optional[Dict[str, Any]]:
+  """Images/s per host the training step consumes on the target slice: global batch /
+  step seconds / hosts, from --global_batch/--step_seconds/--num_hosts or from the 'train'
+  step of a `dry_run --compile` JSON. None when neither is given."""
+  given = {name: FLAGS[name].value for name in ("global_batch", "step_seconds", "num_hosts")
+           if FLAGS[name].value is not None}
+  if FLAGS.dry_run_json:
+    if given:
+      raise app.UsageError("give --dry_run_json or --global_batch/--step_seconds/--num_hosts, "
+                           f"not both (also given: {sorted(given)})")
+    with open(FLAGS.dry_run_json) as fh:
+      report = json.load(fh)
+    steps = report.get("steps") or {}
+    if "train" not in steps:
+      raise ValueError(f"{FLAGS.dry_run_json}: no 'train' step in 'steps' "
+                       f"(found {sorted(steps)})")
+    step = steps["train"]
+    seconds = step.get("estimated_step_seconds")
+    if not seconds:
+      raise ValueError(f"{FLAGS.dry_run_json}: the 'train' step has no "
+                       f"estimated_step_seconds ({seconds!r})")
+    batch = step.get("global_batch", report.get("global_batch"))
+    hosts = report.get("num_hosts")
+    if not batch or not hosts:
+      raise ValueError(f"{FLAGS.dry_run_json}: needs global_batch and num_hosts "
+                       f"(got {batch!r}, {hosts!r})")
+    source, topology = f"dry_run_json: {FLAGS.dry_run_json}", report.get("topology")
+  elif given:
+    missing = sorted({"global_batch", "step_seconds", "num_hosts"} - set(given))
+    if missing:
+      raise app.UsageError(f"the needed rate also needs --{', --'.join(missing)}")
+    batch, seconds, hosts = given["global_batch"], given["step_seconds"], given["num_hosts"]
+    if batch <= 0 or seconds <= 0 or hosts <= 0:
+      raise app.UsageError("--global_batch, --step_seconds and --num_hosts must be positive")
+    source, topology = "flags", None
+  else:
+    return None
+  return {"images_per_s_per_host": float(batch) / float(seconds) / int(hosts),
+          "global_batch": int(batch), "step_seconds": float(seconds), "num_hosts": int(hosts),
+          "topology": topology, "source": source}
+
+
+def _generated_size() -> Tuple[int, int]:
+  try:
+    width, height = (int(v) for v in FLAGS.generated_size.lower().split("x"))
+  except ValueError:
+    raise app.UsageError(f"--generated_size={FLAGS.generated_size!r} is not WIDTHxHEIGHT")
+  if width <= 0 or height <= 0:
+    raise app.UsageError(f"--generated_size={FLAGS.generated_size!r} must be positive")
+  return width, height
+
+
+def write_image_folder(root: str, count: int, size: Tuple[int, int],
+                       formats: Sequence[str]) -> List[Tuple[str, int]]:
+  """Writes `count` photo-like images of size (width, height) under root/<format>/ (one
+  class sub-folder per format), cycling through `formats` ("jpeg" quality 90, "png").
+  Content: crops of the bundled scikit-image photos (realistic entropy, so decoding costs
+  what it does on real photos), else smooth random images. Returns [(path, label)]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  width, height = size
+  rng = np.random.default_rng(0)
+  sources = []
+  try:
+    import skimage.data  # pylint: disable=g-import-not-at-top
+    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
+    for name in data.PHOTO_NAMES:
+      with contextlib.suppress(Exception):
+        sources.append(data.to_rgb_uint8(getattr(skimage.data, name)()))
+  except ImportError:
+    pass
+  files = []
+  for i in range(count):
+    fmt = formats[i % len(formats)].lower()
+    if fmt not in ("jpeg", "png"):
+      raise app.UsageError(f"--generated_formats: {fmt!r} is not jpeg or png")
+    if sources:
+      photo = sources[i % len(sources)]
+      h, w = photo.shape[:2]
+      # The largest window of the target aspect ratio, shrunk a random amount.
+      scale = rng.uniform(0.6, 1.0) * min(h / height, w / width)
+      ch, cw = max(1, int(height * scale)), max(1, int(width * scale))
+      y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      image = Image.fromarray(photo[y:y + ch, x:x + cw]).resize((width, height),
+                                                                Image.Resampling.BICUBIC)
+    else:
+      small = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), np.uint8)
+      image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    folder = os.path.join(root, fmt)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{i:05d}.{'jpg' if fmt == 'jpeg' else 'png'}")
+    if fmt == "jpeg":
+      image.save(path, quality=90)
+    else:
+      image.save(path)
+    files.append((path, sorted(set(f.lower() for f in formats)).index(fmt)))
+  return files
+
+
+def build_tfds_dataset(data_dir: str, files: Sequence[Tuple[str, int]], num_classes: int,
+                       name: str = "vqgan_bench_images") -> str:
+  """An ArrayRecord TFDS dataset `name` in data_dir holding the given image files as they
+  are encoded (TFDS keeps a file's own JPEG/PNG bytes); train = all files, validation =
+  the first few. Returns the name."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+
+  def examples(subset):
+    return [(f"{i:05d}", {"image": path, "label": label})
+            for i, (path, label) in enumerate(subset)]
+
+  # tfds prints its "Downloading and preparing" lines; stdout is kept for the JSON line.
+  with contextlib.redirect_stdout(sys.stderr):
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version="1.0.0",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=max(1, num_classes))}),
+        split_datasets={"train": examples(files), "validation": examples(files[:4])},
+        config=None, data_dir=data_dir, file_format="array_record")
+  return name
+
+
+def _photos_short_side(dc, size: int) -> int:
+  """photos.photo_short_side large enough for size x size train and val crops (the bound
+  data._split_boxes states)."""
+  vf = float(dc.photos.val_fraction)
+  needed = max(2 * size, math.ceil(size / max(1e-6, 1.0 - vf)) + 1)
+  return max(int(dc.photos.photo_short_side), needed)
+
+
+def time_input(dc, batch_size: int, batches: int, warmup: int,
+               repeats: int) -> Dict[str, Any]:
+  """Images/s of `data.make_train_iterator(dc, ...)` as one host of one: untimed warm-up
+  batches, then `repeats` runs of `batches` batches each; images/s = batches * batch_size /
+  run seconds. The warm-up is max(warmup, 1, num_workers) batches: the first includes
+  starting the pipeline, and grain hands out worker outputs in turn, so after num_workers
+  batches every worker has started (each prepares its source on its own)."""
+  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  it = data.make_train_iterator(dc, batch_size=batch_size, seed=0, process_index=0,
+                                process_count=1)
+  try:
+    first = next(it)
+    startup = time.perf_counter() - start
+    shape = list(first["image"].shape)
+    warmup = max(1, warmup, int(dc.num_workers))
+    for _ in range(warmup - 1):
+      next(it)
+    runs = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(batches):
+        next(it)
+      runs.append(batches * batch_size / (time.perf_counter() - t0))
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+  return {"images_per_s": statistics.median(runs), "images_per_s_runs": runs,
+          "startup_s": startup, "warmup_batches": warmup, "batch_shape": shape}
+
+
+def data_sources(base, tmp: str) -> Dict[str, Tuple[Any, str]]:
+  """{source: (config.data for it, description)} for --data_sources; generates the image
+  folder and the TFDS dataset in `tmp` where no real one is given."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  size = FLAGS.image_size
+  out = {}
+  generated: Dict[str, Any] = {}
+
+  def generate():
+    if not generated:
+      width, height = _generated_size()
+      formats = [f.lower() for f in FLAGS.generated_formats]
+      files = write_image_folder(os.path.join(tmp, "images"), FLAGS.generated_images,
+                                 (width, height), formats)
+      generated.update(root=os.path.join(tmp, "images"), files=files,
+                       classes=len(set(formats)),
+                       what=f"{len(files)} generated {width}x{height} "
+                            f"{'/'.join(f.upper() for f in formats)}")
+    return generated
+
+  for name in FLAGS.data_sources:
+    dc = ml_collections.ConfigDict(base.to_dict())
+    dc.name, dc.image_size = name, size
+    if name == "photos":
+      dc.photos.photo_short_side = _photos_short_side(dc, size)
+      what = (f"bundled scikit-image photos, short side {dc.photos.photo_short_side} "
+              "(prepared in memory)")
+    elif name == "folder":
+      folder = FLAGS.data_folder or (base.folder.folder_path if base.name == "folder" else "")
+      if folder:
+        dc.folder.folder_path = folder
+        what = f"folder {folder}"
+      else:
+        g = generate()
+        dc.folder.folder_path, dc.folder.class_from_subfolder = g["root"], True
+        what = f"folder of {g['what']} images"
+    elif name == "tfds":
+      tfds_name = FLAGS.tfds_name or (base.tfds.tfds_name if base.name == "tfds" else "")
+      if tfds_name:
+        dc.tfds.tfds_name = tfds_name
+        if FLAGS.tfds_data_dir is not None:
+          dc.tfds.tfds_data_dir = FLAGS.tfds_data_dir
+        what = f"tfds {tfds_name} ({dc.tfds.tfds_data_dir or 'default data_dir'})"
+      else:
+        g = generate()
+        data_dir = os.path.join(tmp, "tfds")
+        dc.tfds.tfds_name = build_tfds_dataset(data_dir, g["files"], g["classes"])
+        dc.tfds.tfds_data_dir = data_dir
+        dc.tfds.train_split, dc.tfds.val_split = "train", "validation"
+        dc.tfds.image_key, dc.tfds.label_key = "image", "label"
+        what = f"tfds ArrayRecord of {g['what']} images"
+    else:
+      raise app.UsageError(f"--data_sources: unknown source {name!r} "
+                           "(photos, folder, tfds)")
+    out[name] = (dc, what)
+  return out
+
+
+def _usable_cpus() -> Optional[int]:
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count()
+
+
+def data_table(result: Dict[str, Any]) -> str:
+  """The human-readable form of bench_data's result."""
+  needed = result["needed"]
+  lines = [f"input pipeline, images/s per host: {result['image_size']}px crops, batch "
+           f"{result['batch_size']}, median of {result['repeats']} x {result['batches']} "
+           f"batches after max({result['warmup']}, workers) warm-up; "
+           f"{result['cpus_usable']} of {result['cpu_count']} CPUs usable, "
+           f"loadavg {result['loadavg']}"]
+  header = (f"{'source':<8} {'workers':>7} {'images/s':>10} {'min':>9} {'max':>9} "
+            f"{'startup_s':>9}")
+  if needed:
+    header += f" {'x needed':>8}"
+  lines.append(header)
+  for row in result["rows"]:
+    if "error" in row:
+      lines.append(f"{row['source']:<8} {row['num_workers']:>7}  error: {row['error']}")
+      continue
+    runs = row["images_per_s_runs"]
+    line = (f"{row['source']:<8} {row['num_workers']:>7} {row['images_per_s']:>10.1f} "
+            f"{min(runs):>9.1f} {max(runs):>9.1f} {row['startup_s']:>9.2f}")
+    if needed:
+      line += f" {row['vs_needed']:>8.2f}"
+    lines.append(line)
+  for name, what in result["sources"].items():
+    lines.append(f"  {name}: {what}")
+  if needed:
+    lines.append(f"needed per host: {needed['images_per_s_per_host']:.1f} images/s = global "
+                 f"batch {needed['global_batch']} / {needed['step_seconds']:g} s per step / "
+                 f"{needed['num_hosts']} hosts ({needed['source']}"
+                 + (f", {needed['topology']}" if needed["topology"] else "") + ")")
+  else:
+    lines.append("needed per host: not given (--global_batch/--step_seconds/--num_hosts or "
+                 "--dry_run_json)")
+  return "\n".join(lines)
+
+
+def bench_data(config) -> Dict[str, Any]:
+  """Images/s per host of each input source through the real training iterator
+  (`data.make_train_iterator`, process 0 of 1) at --image_size, for every --num_workers,
+  next to the images/s per host the training step needs (`needed_images_per_s`).
+
+  Result: image_size, batch_size, batches, warmup, repeats, cpu_count, cpus_usable (the
+  process's CPU affinity, e.g. 1 under `taskset -c 0`), loadavg,
+  sources {source: description}, needed (None or {images_per_s_per_host, global_batch,
+  step_seconds, num_hosts, topology, source}) and rows [{source, num_workers,
+  images_per_s (median over repeats), images_per_s_runs, startup_s (iterator creation to
+  first batch), warmup_batches, batch_shape, vs_needed (images_per_s / needed)}]. A source that fails
+  gives rows with 'error' and the others still run."""
+  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
+  needed = needed_images_per_s()  # flag errors before any work
+  workers = [int(w) for w in FLAGS.num_workers]
+  if not workers or min(workers) < 0:
+    raise app.UsageError(f"--num_workers must list counts >= 0, got {FLAGS.num_workers}")
+  if FLAGS.steps <= 0 or FLAGS.repeats <= 0 or FLAGS.data_batch_size <= 0:
+    raise app.UsageError("--steps, --repeats and --data_batch_size must be positive")
+  base = config.data if config is not None else data.default_data_config()
+  result = {"image_size": FLAGS.image_size, "batch_size": FLAGS.data_batch_size,
+            "batches": FLAGS.steps, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats,
+            "cpu_count": os.cpu_count(), "cpus_usable": _usable_cpus(),
+            "loadavg": loadavg(), "needed": needed,
+            "sources": {}, "rows": []}
+  with tempfile.TemporaryDirectory(prefix="vqgan_bench_data_") as tmp:
+    sources = data_sources(base, tmp)
+    for name, (dc, what) in sources.items():
+      result["sources"][name] = what
+      for w in workers:
+        dc.num_workers = w
+        row = {"source": name, "num_workers": w}
+        try:
+          row.update(time_input(dc, FLAGS.data_batch_size, FLAGS.steps, FLAGS.warmup,
+                                FLAGS.repeats))
+        except Exception as err:  # pylint: disable=broad-except
+          logging.exception("data: %s with %d workers failed", name, w)
+          row["error"] = f"{type(err).__name__}: {str(err)[:500]}"
+        if needed and "images_per_s" in row:
+          row["vs_needed"] = row["images_per_s"] / needed["images_per_s_per_host"]
+        logging.info("data row %s", row)
+        result["rows"].append(row)
+  print(data_table(result), file=sys.stderr)
+  sys.stderr.flush()
+  return result
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -688,6 +1039,8 @@ def main(argv):
     result.update(bench_sample(config))
   elif FLAGS.task == "attention":
     result.update(bench_attention(config))
+  elif FLAGS.task == "data":
+    result.update(bench_data(config))
   else:
     result.update(bench_conv(config))
     result.update(device_peak())
