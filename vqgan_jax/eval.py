@@ -28,8 +28,17 @@ the JSON, when its method is missing):
   .token_logits(batch)                   -> (logits (B, L, V), targets (B, L), weights
                                             (B, L) or None): bits/token on the val tokens
   .generate_images(rng, num_samples, batch_size)
-                                         iterable of (b, H, W, 3) images in [-1, 1]:
-                                            FID, IS, KID, precision/recall
+                                         iterable of (b, H, W, 3) images in [-1, 1], or
+                                            of {"image": ..., "mask": (b,)} (padding
+                                            rows masked out): FID, IS, KID,
+                                            precision/recall
+On a checkpoint of `stage2_trainer` the samples are drawn on every device of the mesh
+(`config.mesh`; with several processes each draws its devices' rows): each batch of
+--batch_size samples is one global array split over data x fsdp, decoded and fed to
+Inception where it lies, and only the Inception features are gathered for FID/IS/KID.
+Sample n is keyed by its index, so the samples do not depend on the device count.
+--batch_size is checked against the mesh (a multiple of data x fsdp and of the process
+count) before anything is restored or compiled.
 The metric plumbing is in pure functions (`bits_per_token`, `collect_features`,
 `generated_image_metrics`) that the tests exercise with known inputs.
 
@@ -91,12 +100,12 @@ def _inception_feature_dim() -> int:
 
 
 def gather(array) -> np.ndarray:
-  """A global (batch-sharded) array as one numpy array on every process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1 or isinstance(array, np.ndarray):
-    return np.asarray(array)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  """A global (batch-sharded) array as one numpy array on every process (a collective
+  with several processes: every process calls it in the same order)."""
+  if isinstance(array, np.ndarray):
+    return array
+  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.host_array(array)
 
 
 def checkpoint_info(workdir: str, step: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
@@ -225,12 +234,18 @@ def _eval_batches(data_config, mesh, batch_size: int, num_batches: int = 0):
     yield sharding.global_batch(batch, mesh)
 
 
-def _check_batch_size(batch_size: int, mesh) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size <= 0 or batch_size % devices or batch_size % jax.process_count():
-    raise EvalError(f"batch size {batch_size} must be a positive multiple of data x fsdp = "
-                    f"{devices} devices and of {jax.process_count()} processes")
+def _check_batch_size(batch_size: int, mesh, what: str = "--batch_size") -> None:
+  """EvalError (naming `what`, both numbers and the nearest valid size) unless the batch
+  splits over the mesh's data x fsdp shards and the processes."""
+  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    sharding.check_batch_size(batch_size, mesh, what=what)
+  except ValueError as e:
+    raise EvalError(str(e)) from None
+
+
+def _batch_setting(batch_size: Optional[int]) -> str:
+  return "--batch_size" if batch_size else "config.eval_batch_size"
 
 
 # ------------------------------------------------------------------------ stage 1
@@ -295,8 +310,9 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
                                  checkpointing.config_to_dict(config)["model"], workdir,
                                  force=bool(config.get("force_resume", False)))
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  what = _batch_setting(batch_size)
   batch_size = int(batch_size or config.eval_batch_size)
-  _check_batch_size(batch_size, mesh)
+  _check_batch_size(batch_size, mesh, what)
   rgb = _input_kind(meta["config"]) == "image"
   size = int(config.data.image_size)
 
@@ -415,8 +431,9 @@ def compute_reference_stats(config, output: str, *, inception_weights: Optional[
   from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  what = _batch_setting(batch_size)
   batch_size = int(batch_size or config.get("eval_batch_size", 32))
-  _check_batch_size(batch_size, mesh)
+  _check_batch_size(batch_size, mesh, what)
   if feature_fn is None:
     weights_path = resolve_inception_weights(inception_weights)
     if weights_path is None:
@@ -561,9 +578,10 @@ class Stage2Adapter:
   Bits/token use the trainer's own sequence construction (condition prefix, the fixed
   pseudo-random eval crop of `crop_tokens` models, keys as in Stage2Runner.evaluate), so
   the number matches the trainer's val_bits_per_token on the same batches. Samples are
-  drawn with `sample.draw_tokens` (the checkpoint's `sampling` options: temperature,
+  drawn with `sample.token_batches` (the checkpoint's `sampling` options: temperature,
   top-k/p, guidance) for unconditional and class-conditional models (labels cycled over
-  the classes); spatial and coordinate conditioning have no generated-image metrics yet.
+  the classes), on every device of the mesh, and decoded there; spatial and coordinate
+  conditioning have no generated-image metrics yet.
   """
 
   def __init__(self, loaded, mesh):
@@ -616,21 +634,24 @@ class Stage2Adapter:
     return self._logits_fn(self._params, batch, self._frozen, key)
 
   def generate_images(self, rng, num_samples: int, batch_size: int):
-    import jax  # pylint: disable=g-import-not-at-top
+    """Yields {"image": global (batch, H, W, 3) images split over the mesh's batch axes,
+    "mask": (batch,) real samples (the last batch is padded)}."""
     from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
     loaded, layout = self.loaded, self.loaded.layout
     if layout.kind not in ("none", "class"):
       raise NotImplementedError(f"generated-image metrics for {layout.kind!r} conditioning")
+    self._prepare()
     opts = sample.SamplingOptions.from_config(loaded.config.get("sampling", {}),
                                               batch_size=batch_size)
-    for n, start in enumerate(range(0, num_samples, batch_size)):
-      count = min(batch_size, num_samples - start)
-      labels = None
-      if layout.kind == "class":
-        labels = (np.arange(start, start + count) % layout.num_classes).astype(np.int32)
-      prefix = np.asarray(self._s2.condition_tokens(layout, count, labels=labels))
-      tokens = sample.draw_tokens(loaded, prefix, jax.random.fold_in(rng, n), opts)
-      yield sample.decode(loaded.first_stage, tokens)
+    labels = None
+    if layout.kind == "class":
+      labels = (np.arange(num_samples) % layout.num_classes).astype(np.int32)
+    prefix = np.asarray(self._s2.condition_tokens(layout, num_samples, labels=labels))
+    for tokens, real in sample.token_batches(loaded, prefix, rng, opts, self.mesh,
+                                             params=self._params):
+      images = sample.decode_rows(loaded.first_stage, self._frozen["first"], tokens,
+                                  loaded.window)
+      yield {"image": images, "mask": np.arange(images.shape[0]) < real}
 
 
 def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
@@ -657,7 +678,11 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
         "stage-2 trainer does not define it yet")
   sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  what = _batch_setting(batch_size)
   batch_size = int(batch_size or config.get("eval_batch_size", 16))
+  _check_batch_size(batch_size, mesh, what)
+  if num_samples < 0:
+    raise EvalError(f"--num_samples={num_samples} must be >= 0 (0: no sample metrics)")
 
   weights_path = resolve_inception_weights(inception_weights)
   if feature_fn is None and weights_path is not None and num_samples > 0:
@@ -689,15 +714,15 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
       pass
     elif feature_fn is None:
       results["fid_skipped"] = FID_SKIPPED_NO_WEIGHTS
-      for images in batches:  # still draw a few for the sample grid
-        samples.append(gather(images))
+      for batch in batches:  # still draw a few for the sample grid
+        samples.append(_real_images(batch))
         break
     else:
       def keep_first(batches):
-        for images in batches:
+        for batch in batches:
           if sum(len(s) for s in samples) < 16:
-            samples.append(gather(images))
-          yield images
+            samples.append(_real_images(batch))
+          yield batch
       fake_pool, fake_logits = collect_features(feature_fn, keep_first(batches), num_samples)
       real_pool = None
       if "data" in config and config.data.get("name"):
@@ -726,6 +751,15 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
   else:
     results["eval_seconds"] = time.time() - start
   return results
+
+
+def _real_images(batch) -> np.ndarray:
+  """The images of a generated batch (array or {"image", "mask"}) as numpy on every
+  process, padding rows dropped (a collective with several processes)."""
+  if not isinstance(batch, dict):
+    return gather(batch)
+  images = gather(batch["image"])
+  return images if batch.get("mask") is None else images[gather(batch["mask"]).astype(bool)]
 
 
 def _peek(iterable):

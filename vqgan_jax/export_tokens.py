@@ -257,14 +257,15 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
   seed = int(config.get("seed", 0) if seed is None else seed)
   if seed < 0:
     raise ExportError(f"--seed must be >= 0, got {seed}")
+  what = "--batch_size" if batch_size else "config.eval_batch_size"
   batch_size = int(batch_size or config.get("eval_batch_size", 16))
   final_dir = check_output(output, split, overwrite)
 
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % devices or batch_size % jax.process_count():
-    raise ExportError(f"batch size {batch_size} must be divisible by data x fsdp = {devices} "
-                      f"devices and by {jax.process_count()} processes")
+  try:
+    sharding.check_batch_size(batch_size, mesh, what=what)
+  except ValueError as e:
+    raise ExportError(str(e)) from None
   per_process = batch_size // jax.process_count()
 
   replicated = sharding.replicated(mesh)

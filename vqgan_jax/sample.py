@@ -2,7 +2,7 @@
 
   python -m vqgan_jax.sample --workdir STAGE2_DIR --output DIR [--config CONFIG]
       [--step -1] [--seed 0] [--temperature T] [--top_k K] [--top_p P] [--cfg_scale S]
-      [--num_samples N] [--classes 0,3,5] [--sliding_window_factor F]
+      [--num_samples N] [--classes 0,3,5] [--sliding_window_factor F] [--batch_size B]
 
 Unset options come from `sampling` of --config (which must then ask for the same attention
 type as the checkpoint) or, without --config, from the checkpoint's own config.
@@ -23,10 +23,18 @@ What is written, by the checkpoint's conditioning kind:
                                      `spatial_regions`); coord: each window conditioned on
                                      its own origin.
 The paths written are printed.
+
+Devices: samples are drawn on every device of the mesh (`mesh` of the config; with several
+processes, each process draws its devices' rows): each call of the sampler takes
+--batch_size samples (sampling.batch_size) as a global batch split over data x fsdp, with
+the GPT replicated, so --batch_size must be a multiple of data x fsdp (and of the process
+count); it is checked before anything is restored or compiled. A sample's tokens depend on
+the seed and its index only, so they are the same on any number of devices.
 """
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -34,10 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqgan_jax import checkpointing, data, sampling, stage1_trainer, stage2_trainer, train_utils
+from vqgan_jax import (checkpointing, data, sampling, sharding, stage1_trainer, stage2_trainer,
+                       train_utils)
 from vqgan_jax.models import vqgan
-
-
 
 
 @dataclasses.dataclass
@@ -61,8 +68,10 @@ class SamplingOptions:
     return cls(**values)
 
 
-def check_options(metadata: Dict[str, Any], opts: SamplingOptions) -> List[int]:
-  """Validates options against a checkpoint's metadata (before anything is sampled);
+def check_options(metadata: Dict[str, Any], opts: SamplingOptions, mesh=None,
+                  batch_what: str = "--batch_size") -> List[int]:
+  """Validates options against a checkpoint's metadata (before anything is sampled) and,
+  with `mesh`, the batch size against its batch shards (`batch_what` names the setting);
   returns the class labels to draw (class-conditional models) or []."""
   layout = stage2_trainer.VocabLayout.from_dict(metadata["vocab"])
   if opts.temperature < 0:
@@ -75,6 +84,8 @@ def check_options(metadata: Dict[str, Any], opts: SamplingOptions) -> List[int]:
     raise ValueError(f"sliding_window_factor={opts.sliding_window_factor} must be >= 1")
   if min(opts.num_samples, opts.num_samples_per_class, opts.batch_size) < 1:
     raise ValueError("num_samples, num_samples_per_class and batch_size must be >= 1")
+  if mesh is not None:
+    sharding.check_batch_size(opts.batch_size, mesh, what=batch_what)
   if opts.cfg_scale != 1.0 and not (layout.kind == "class" and layout.has_null_class):
     raise ValueError(
         f"cfg_scale={opts.cfg_scale} needs a class-conditional model trained with "
@@ -151,28 +162,79 @@ def _filters(opts: SamplingOptions):
   return top_k, top_p
 
 
-def draw_tokens(loaded, prefix: np.ndarray, key, opts: SamplingOptions) -> np.ndarray:
-  """Window token grids (B, h, w) after condition prefixes (B, P), in chunks of batch_size
-  (the last chunk padded so the sampler compiles once)."""
+def replicate(tree, mesh):
+  """A pytree placed whole on every device of the mesh."""
+  return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def shard_rows(x: np.ndarray, mesh) -> jax.Array:
+  """A host array holding the whole batch (the same on every process) as a global array
+  split over the mesh's batch axes; each process supplies only its devices' rows."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh), lambda i: x[i])
+
+
+def sampling_batch(batch_size: int, num_samples: int, mesh) -> int:
+  """Samples per sampler call: batch_size, or, for fewer samples, their number rounded up
+  to a multiple of the batch shards and processes (so the batch still splits evenly)."""
+  multiple = math.lcm(sharding.batch_devices(mesh), jax.process_count())
+  return min(batch_size, -(-num_samples // multiple) * multiple)
+
+
+def token_batches(loaded, prefix: np.ndarray, key, opts: SamplingOptions, mesh,
+                  params=None):
+  """Draws window token sequences after condition prefixes (N, P) (the same host array on
+  every process) in calls of `sampling_batch` samples, each a global batch split over the
+  mesh's batch axes (the last one padded, so the sampler compiles once). Sample n is keyed
+  by its index n (see `sampling`), whatever the batch size and device count.
+
+  Yields (tokens: global (batch, h * w) int32 array, number of real samples in it).
+  `params`: the GPT params already replicated over the mesh (default: replicated here).
+  """
   layout, model = loaded.layout, loaded.model
   h, w = loaded.window
+  sharding.check_batch_size(opts.batch_size, mesh, what="--batch_size")
   top_k, top_p = _filters(opts)
   guided = opts.cfg_scale != 1.0
   uncond = jnp.full((1, prefix.shape[1]), layout.null_id, jnp.int32) if guided else None
-  chunk = min(opts.batch_size, prefix.shape[0])
-  out = []
-  for n, start in enumerate(range(0, prefix.shape[0], chunk)):
-    part = prefix[start:start + chunk]
+  variables = {"params": params if params is not None else replicate(loaded.params, mesh)}
+  chunk = sampling_batch(opts.batch_size, prefix.shape[0], mesh)
+  for start in range(0, prefix.shape[0], chunk):
+    part = np.asarray(prefix[start:start + chunk], np.int32)
     real = part.shape[0]
     if real < chunk:
       part = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
     tokens = sampling.sample(
-        {"params": loaded.params}, model, jnp.asarray(part, jnp.int32), h * w,
-        jax.random.fold_in(key, n), temperature=opts.temperature, top_k=top_k, top_p=top_p,
-        cfg_scale=opts.cfg_scale if guided else None, uncond_prefix=uncond,
-        num_image_codes=layout.n_codes)
-    out.append(np.asarray(tokens)[:real])
+        variables, model, shard_rows(part, mesh), h * w, key, temperature=opts.temperature,
+        top_k=top_k, top_p=top_p, cfg_scale=opts.cfg_scale if guided else None,
+        uncond_prefix=uncond, num_image_codes=layout.n_codes, first_index=start, mesh=mesh)
+    yield tokens, real
+
+
+def draw_tokens(loaded, prefix: np.ndarray, key, opts: SamplingOptions, mesh=None,
+                params=None) -> np.ndarray:
+  """Window token grids (N, h, w) after condition prefixes (N, P), drawn on every device
+  of `mesh` (default: the mesh of the checkpoint's config) by `token_batches`; the whole
+  result on every process."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(loaded.config.mesh)
+  h, w = loaded.window
+  out = [sharding.host_array(tokens)[:real]
+         for tokens, real in token_batches(loaded, prefix, key, opts, mesh, params)]
   return np.concatenate(out).reshape(-1, h, w)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode_rows(model: vqgan.VQModel, params, tokens, grid):
+  indices = tokens.reshape((tokens.shape[0],) + tuple(grid))
+  x = model.apply({"params": params}, indices, method=vqgan.VQModel.decode_indices)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+def decode_rows(frozen, params, tokens: jax.Array, grid) -> jax.Array:
+  """Images (B, H, W, C) in [-1, 1] of flat token rows (B, h * w) (e.g. a global batch
+  from `token_batches`, decoded where its rows are) under a frozen VQGAN whose `params`
+  are placed like the tokens' mesh (replicated)."""
+  return _decode_rows(frozen.model, params, tokens, tuple(int(g) for g in grid))
 
 
 def colorize(segmentation: np.ndarray) -> np.ndarray:
@@ -205,13 +267,14 @@ def spatial_regions(data_config, size: int, count: int):
 
 
 def _rows_png(path: str, rows: Sequence[np.ndarray], per_row: int = 8) -> str:
-  """Writes rows of images; long single rows are wrapped into several rows."""
+  """Writes rows of images (process 0 only); long single rows are wrapped into several."""
   if len(rows) == 1 and rows[0].shape[0] > per_row:
     images = rows[0]
     rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
-  grid = train_utils.make_grid(list(rows))
-  train_utils.save_png(path, grid)
-  print(f"wrote {path}")
+  if jax.process_index() == 0:
+    grid = train_utils.make_grid(list(rows))
+    train_utils.save_png(path, grid)
+    print(f"wrote {path}")
   return path
 
 
@@ -222,15 +285,21 @@ def _center_crop_tokens(grid: np.ndarray, window) -> tuple:
 
 
 def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
-             opts: SamplingOptions) -> Dict[str, str]:
-  """Samples as described in the module docstring; returns {name: PNG path}."""
-  classes = check_options(loaded.metadata, opts)
+             opts: SamplingOptions, mesh=None) -> Dict[str, str]:
+  """Samples as described in the module docstring, the window-sized ones drawn on every
+  device of `mesh` (default: the mesh of the checkpoint's config); returns
+  {name: PNG path}."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(loaded.config.mesh)
+  classes = check_options(loaded.metadata, opts, mesh)
+  params = replicate(loaded.params, mesh)
+  draw = functools.partial(draw_tokens, opts=opts, mesh=mesh, params=params)
   layout, config = loaded.layout, loaded.config
   first, cond = loaded.first_stage, loaded.cond_stage
   key = jax.random.PRNGKey(opts.seed)
   window = loaded.window
   f = first.downsample_factor
-  os.makedirs(output_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
   written = {}
   top_k, top_p = _filters(opts)
 
@@ -238,7 +307,7 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
   if layout.kind == "class":
     labels = np.repeat(np.asarray(classes, np.int32), opts.num_samples_per_class)
     prefix = np.asarray(stage2_trainer.condition_tokens(layout, len(labels), labels=labels))
-    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     names = data.PHOTO_NAMES if config.data.name == "photos" else ()
     for n, c in enumerate(classes):
       name = f"class_{c:04d}" + (f"_{names[c]}" if c < len(names) else "")
@@ -246,14 +315,14 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
       written[name] = _rows_png(os.path.join(output_dir, name + ".png"), [part])
   elif layout.kind == "none":
     prefix = np.asarray(stage2_trainer.condition_tokens(layout, opts.num_samples))
-    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     written["unconditional"] = _rows_png(os.path.join(output_dir, "unconditional.png"), [images])
   elif layout.kind == "spatial":
     batch = next(iter(data.make_eval_iterator(config.data, batch_size=opts.num_samples)))
     batch = {k: v for k, v in batch.items() if k in ("image", "segmentation")}
     codes, (y, x) = _center_crop_tokens(encode_inputs(cond, batch), window)
     prefix = np.asarray(stage2_trainer.condition_tokens(layout, codes.shape[0], cond_codes=codes))
-    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     py, px, ph, pw = y * f, x * f, window[0] * f, window[1] * f
     seg = batch["segmentation"][:, py:py + ph, px:px + pw]
     real = batch["image"][:, py:py + ph, px:px + pw]
@@ -267,7 +336,7 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
                rng.integers(0, spans[1] + 1, opts.num_samples))
     prefix = np.asarray(stage2_trainer.condition_tokens(
         layout, opts.num_samples, origins=tuple(jnp.asarray(o) for o in origins), spans=spans))
-    images = decode(first, draw_tokens(loaded, prefix, jax.random.fold_in(key, 0), opts))
+    images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     written["coord_conditioned"] = _rows_png(os.path.join(output_dir, "coord_conditioned.png"),
                                              [images])
 
@@ -308,23 +377,28 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
 
 
 def run_sampling(workdir: str, output_dir: str, config=None, step: Optional[int] = None,
-                 first_stage_workdir: Optional[str] = None, **overrides) -> Dict[str, str]:
+                 first_stage_workdir: Optional[str] = None, mesh=None,
+                 **overrides) -> Dict[str, str]:
   """Loads a stage-2 workdir and writes the PNGs; `overrides` are SamplingOptions fields
-  (None = from `config.sampling`, or the checkpoint's config without `config`).
+  (None = from `config.sampling`, or the checkpoint's config without `config`). Samples
+  are drawn on `mesh` (default: `mesh` of that config over all devices).
   Every option is checked before the model is restored or anything is sampled."""
+  sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   metadata, step = stage2_trainer.read_stage2_metadata(workdir, step)
   if config is not None and config.model.attention != metadata["attention"]:
     raise checkpointing.CheckpointError(
         f"{workdir} step {step} holds a GPT trained with {metadata['attention']!r} attention "
         f"but the config asks for {config.model.attention!r} (model.attention)")
-  sampling_config = (config if config is not None else
-                     checkpointing.config_from_dict(metadata["config"])).sampling
-  opts = SamplingOptions.from_config(sampling_config, **overrides)
-  check_options(metadata, opts)
+  run_config = config if config is not None else checkpointing.config_from_dict(
+      metadata["config"])
+  opts = SamplingOptions.from_config(run_config.sampling, **overrides)
+  mesh = mesh if mesh is not None else sharding.make_mesh(run_config.mesh)
+  check_options(metadata, opts, mesh, batch_what="--batch_size" if overrides.get("batch_size")
+                else "sampling.batch_size")
   loaded = stage2_trainer.load_stage2(
       workdir, step, attention=config.model.attention if config is not None else None,
       first_stage_workdir=first_stage_workdir)
-  return generate(loaded, output_dir, opts)
+  return generate(loaded, output_dir, opts, mesh)
 
 
 def run_from_flags(f) -> Dict[str, str]:
@@ -334,7 +408,8 @@ def run_from_flags(f) -> Dict[str, str]:
                first_stage_workdir=f.first_stage_workdir, seed=f.seed,
                temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
                num_samples=f.num_samples, num_samples_per_class=f.num_samples_per_class,
-               classes=classes, sliding_window_factor=f.sliding_window_factor)
+               classes=classes, sliding_window_factor=f.sliding_window_factor,
+               batch_size=getattr(f, "batch_size", None))
 
 
 def main(argv):
@@ -371,6 +446,9 @@ def define_flags(flag_values=None):
   flags.DEFINE_integer("sliding_window_factor", None,
                        "Sliding-window canvas = this x the trained window per side.",
                        flag_values=fv)
+  flags.DEFINE_integer("batch_size", None,
+                       "Samples per sampler call, split over the mesh's data x fsdp devices "
+                       "(a multiple of them); default sampling.batch_size.", flag_values=fv)
   flags.mark_flags_as_required(["workdir", "output"], flag_values=fv)
 
 
