@@ -30,6 +30,12 @@ def get_config():
   config.data.name = "photos"
   config.data.image_size = 256
   config.data.photos.photo_short_side = 512
+  # Input (docs/input_pipeline.md, 2026-12-02): photos are in-memory crops, ~2400 images/s
+  # at 256px in the main process (2 cores) but ~540-930 with 1-2 grain workers, which each
+  # prepare the photos again and ship float32 batches back (`python -m vqgan_jax.bench
+  # --task data --data_sources photos --num_workers 0,1,2`); the step needs ~300 (v5e-256)
+  # to ~1400 (v6e-256) images/s per host, so no workers.
+  config.data.num_workers = 0
   config.batch_size = 16
   config.compute_dtype = "bfloat16"
   return config
