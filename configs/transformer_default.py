@@ -36,7 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.attn_pdrop = 0.0            # dropout on attention probabilities (softmax only)
   m.attention = "softmax"       # "softmax" | "linear" (elu+1 kernel, O(N))
   m.linear_chunk_size = 64      # chunk length of the chunked linear-attention scan
-  m.remat = False               # rematerialise blocks in the backward pass (saves memory)
+  m.remat = "none"              # backward pass: "none" | "full" (recompute each block) |
+                                # "dots" (keep matmul outputs, recompute the rest)
+  m.scan_layers = False         # stack the blocks and run them with one lax.scan (compile
+                                # time and program size independent of depth; params
+                                # "blocks/..." with a leading layer axis)
 
   # --- Conditioning ---
   c = config.cond = ml_collections.ConfigDict()
@@ -72,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation (minGPT / taming) ---
   config.batch_size = 8                # global batch size (all processes)
+  config.grad_accum_steps = 1          # micro-batches per update: batch_size / grad_accum_steps
+                                       # examples per forward pass, gradients averaged (a
+                                       # paper's global batch on any slice)
   config.base_learning_rate = 4.5e-6   # lr = base_learning_rate * batch_size ...
   config.learning_rate = 0.0           # ... unless this is > 0
   config.warmup_steps = 0              # linear warm-up from 0; 0 = constant lr (reference)

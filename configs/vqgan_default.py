@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.restart_dead_codes = False  # replace codes unused for a while by batch latents
   m.dead_code_decay = 0.99      # EMA decay of per-code usage counts
   m.dead_code_threshold = 0.03  # restart a code when its EMA count per step falls below this
+  m.remat = False               # recompute each ResnetBlock/AttnBlock in the backward pass
 
   # --- Loss (reference `VQLPIPSWithDiscriminator`) ---
   l = config.loss = ml_collections.ConfigDict()
@@ -54,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation ---
   config.batch_size = 12               # global batch size (all processes)
+  config.grad_accum_steps = 1          # micro-batches per update: batch_size / grad_accum_steps
+                                       # examples per forward pass, gradients averaged (a
+                                       # paper's global batch on any slice)
   config.base_learning_rate = 4.5e-6   # lr = base_learning_rate * batch_size ...
   config.learning_rate = 0.0           # ... unless this is > 0
   config.adam_b1 = 0.5

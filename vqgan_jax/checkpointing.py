@@ -134,11 +134,20 @@ def config_from_dict(values: Dict[str, Any]) -> ml_collections.ConfigDict:
   return convert(values)
 
 
+# Model keys that change how a step runs, not the parameters or the function: a run may
+# resume with another value.
+EXECUTION_ONLY_KEYS = ("remat",)
+# Keys added after checkpoints were written, with the value an older checkpoint implies.
+ABSENT_DEFAULTS = {"scan_layers": False}
+
+
 def check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str,
                      force: bool = False) -> None:
   """Refuses to resume a workdir whose model config differs from the current one."""
   differences = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-                 if _normalise(saved.get(k)) != _normalise(current.get(k))}
+                 if k not in EXECUTION_ONLY_KEYS
+                 and _normalise(saved.get(k, ABSENT_DEFAULTS.get(k)))
+                 != _normalise(current.get(k, ABSENT_DEFAULTS.get(k)))}
   if differences and not force:
     listed = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}"
                        for k, (a, b) in differences.items())

@@ -4,6 +4,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from vqgan_jax import sharding
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
@@ -145,3 +147,19 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
   for key in ("num_samples_per_class", "num_samples", "batch_size"):
     _require(s[key] >= 1, f"sampling.{key}", "must be >= 1", s[key])
   validate_common(config)
+
+
+def validate_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+  """The training and eval batch sizes against the mesh's batch shards (data x fsdp), the
+  processes and config.grad_accum_steps, before anything compiles (`ConfigError` naming
+  the key, both numbers and the nearest valid size)."""
+  accum = int(config.get("grad_accum_steps", 1))
+  _require(accum >= 1, "grad_accum_steps", "must be >= 1", accum)
+  checks = [("config.batch_size", int(config.batch_size), accum,
+             "or set config.grad_accum_steps so that batch_size / grad_accum_steps splits"),
+            ("config.eval_batch_size", int(config.eval_batch_size), 1, "")]
+  for what, size, steps, fix in checks:
+    try:
+      sharding.check_batch_size(size, mesh, what, steps, fix)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None

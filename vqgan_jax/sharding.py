@@ -63,6 +63,10 @@ GPT_RULES = (
     (r"head/kernel$", (None, "tensor")),
 )
 
+# Parameters stacked over layers (GPT with scan_layers): "blocks/..." (unrolled ones are
+# "blocks_{i}/...").
+STACKED_PATTERN = r"(^|/)blocks/"
+
 # Stage-1 VQGAN: convolutions get generic FSDP only; the codebook (n_embed, dim) is split
 # over `tensor` by codes.
 VQGAN_RULES = (
@@ -70,34 +74,183 @@ VQGAN_RULES = (
 )
 
 
+# Logical activation axes -> mesh axes (MaxText's rule table, in small). Model code names
+# what each activation dimension is; `constrain` maps the names onto the mesh that the
+# step is traced under, so the same model runs unsharded on one device.
+ACTIVATION_RULES = {
+    "batch": BATCH_AXES,   # examples: split over data x fsdp
+    "heads": "tensor",     # attention heads (column-parallel q/k/v)
+    "mlp": "tensor",       # MLP hidden units
+    "vocab": "tensor",     # logits over the vocabulary (vocab-parallel head)
+}
+
+
+def _axis_size(mesh, axes) -> int:
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def activation_spec(shape: Sequence[int], logical: Sequence[Optional[str]], mesh) -> P:
+  """PartitionSpec of an activation whose dimensions are named by `logical` (None = not
+  split); a mesh axis is used only where it divides the dimension and has > 1 device."""
+  if len(logical) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+  spec = []
+  for size, name in zip(shape, logical):
+    axes = ACTIVATION_RULES.get(name) if name else None
+    if axes is None or any(a not in mesh.shape for a in (axes if isinstance(axes, tuple)
+                                                          else (axes,))):
+      spec.append(None)
+      continue
+    n = _axis_size(mesh, axes)
+    spec.append(axes if n > 1 and size % n == 0 else None)
+  return P(*spec)
+
+
+def constrain(x: jax.Array, *logical: Optional[str]) -> jax.Array:
+  """Pins activation `x` to the sharding its logical axes name, on the mesh the enclosing
+  step is traced under (`under_mesh`); without one (plain CPU use, tests) it is x."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return lax.with_sharding_constraint(x, activation_spec(x.shape, logical, mesh))
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the abstract mesh, so the models' `constrain` calls take
+  effect; wrap a step before `jax.jit`."""
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  wrapped.__name__ = getattr(fn, "__name__", "step")
+  return wrapped
+
+
+def on_platform(platform: str) -> bool:
+  """Whether the step being traced targets `platform` ("cpu", "tpu", "gpu"): the mesh it
+  is traced under says so (ahead-of-time TPU compilation on a CPU host included), else
+  the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh.abstract_device.platform == platform
+  return jax.default_backend() == platform
+
+
+def cloud_tpu_vm_evidence(env: "dict[str, str]", listdir, libtpu_installed: bool
+                          ) -> Optional[str]:
+  """Why this host looks like a Cloud TPU VM whose `jax.distributed.initialize()` can find
+  its slice by itself (a short reason), or None. Pure: the caller passes the environment,
+  a `listdir(path) -> names` (empty for a missing folder) and whether libtpu is installed,
+  so nothing here touches the JAX backend.
+
+  A TPU VM is a host with TPU chips attached: device files /dev/accel<N> (TPU v2-v4,
+  v5e) or /dev/vfio/<N> (v5p, v6e). JAX's own TPU cluster detection also needs the chips
+  (it counts them on the PCI bus) and libtpu, and asks the GCE metadata server for the
+  worker list unless TPU_SKIP_MDS_QUERY is set (then only a worker list in
+  TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES, as on GKE, will do). Environment
+  variables alone are never enough: TPU_ACCELERATOR_TYPE or TPU_WORKER_HOSTNAMES=localhost
+  are also set on CPU machines that compile ahead of time for a TPU. A JAX_PLATFORMS
+  without "tpu" (e.g. "cpu") means this run does not use the TPU, so no.
+  """
+  platforms = env.get("JAX_PLATFORMS", "").strip()
+  if platforms and "tpu" not in [p.strip() for p in platforms.split(",")]:
+    return None
+  if not libtpu_installed:
+    return None
+  chips = ["/dev/" + n for n in listdir("/dev") if re.fullmatch(r"accel\d+", n)]
+  chips += ["/dev/vfio/" + n for n in listdir("/dev/vfio") if re.fullmatch(r"\d+", n)]
+  if not chips:
+    return None
+  if env.get("TPU_SKIP_MDS_QUERY") is not None:
+    workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if not workers.strip():
+      return None
+  shown = ", ".join(sorted(chips)[:4]) + (", ..." if len(chips) > 4 else "")
+  return f"TPU device files {shown} and libtpu present"
+
+
+def _listdir_or_empty(path: str):
+  try:
+    return os.listdir(path)
+  except OSError:
+    return []
+
+
+def _tpu_vm_evidence_here() -> Optional[str]:
+  """cloud_tpu_vm_evidence for this process: its environment with the platforms JAX will
+  use (jax_platforms, set in code or from JAX_PLATFORMS; reading it starts nothing), its
+  /dev, and libtpu installed (found, not imported) or named by TPU_LIBRARY_PATH."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  platforms = jax.config.jax_platforms
+  if platforms:
+    env["JAX_PLATFORMS"] = platforms
+  libtpu = (importlib.util.find_spec("libtpu") is not None
+            or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", "")))
+  return cloud_tpu_vm_evidence(env, _listdir_or_empty, libtpu)
+
+
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None) -> None:
-  """Starts multi-process JAX when flags or the environment ask for it.
+  """Starts multi-process JAX (`jax.distributed.initialize`) when this run is one.
 
-  On Cloud TPU VMs `jax.distributed.initialize()` discovers everything itself
-  (set VQGAN_DISTRIBUTED=1 or pass flags); on CPU/GPU pass the coordinator address,
-  process count and id, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+  Call it before anything touches the JAX backend. In order:
+    VQGAN_DISTRIBUTED=0         never (one process, whatever else is set);
+    a coordinator address       the arguments, or JAX_COORDINATOR_ADDRESS with
+                                JAX_NUM_PROCESSES and JAX_PROCESS_ID (CPU/GPU clusters);
+    VQGAN_DISTRIBUTED=1         `jax.distributed.initialize()`, JAX detects the cluster;
+    a Cloud TPU VM              the same, with nothing to set (see cloud_tpu_vm_evidence:
+                                TPU device files + libtpu; a single-host VM becomes a
+                                1-process distributed run, which is harmless).
+  Otherwise one process. Before starting, the CPU backend's cross-process collectives are
+  set to gloo (they must be chosen before the backend starts; TPU/GPU ignore it). An
+  automatic start that fails says how to opt out; one that comes after the backend has
+  started (the caller used JAX first) is skipped with a warning.
   """
+  import logging  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return
+  choice = os.environ.get("VQGAN_DISTRIBUTED", "").strip()
+  if choice not in ("", "0", "1"):
+    raise ValueError(f"VQGAN_DISTRIBUTED must be 0, 1 or unset, got {choice!r}")
+  if choice == "0":
+    return
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
   if process_id is None and os.environ.get("JAX_PROCESS_ID"):
     process_id = int(os.environ["JAX_PROCESS_ID"])
-  if jax.distributed.is_initialized():
-    return
-  if coordinator_address or os.environ.get("VQGAN_DISTRIBUTED") == "1":
-    # Cross-process collectives of the CPU backend need gloo (ignored by TPU/GPU); it
-    # must be chosen before the backend starts.
-    try:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except Exception:  # pylint: disable=broad-except
-      pass
+  reason = None
+  if not coordinator_address and choice != "1":
+    reason = _tpu_vm_evidence_here()
+    if reason is None:
+      return
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except Exception:  # pylint: disable=broad-except
+    pass
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  elif os.environ.get("VQGAN_DISTRIBUTED") == "1":
+    return
+  if reason is None:  # VQGAN_DISTRIBUTED=1: the caller asked for it, errors go up as they are
     jax.distributed.initialize()
+    return
+  logging.info("Cloud TPU VM (%s): starting jax.distributed", reason)
+  try:
+    jax.distributed.initialize()
+  except RuntimeError as e:
+    if "before any JAX computations" not in str(e):
+      raise RuntimeError(f"jax.distributed.initialize() failed on this Cloud TPU VM "
+                         f"({reason}): {e}. Set VQGAN_DISTRIBUTED=0 to run as a single "
+                         "process.") from e
+    logging.warning("Cloud TPU VM, but the JAX backend already started before "
+                    "jax.distributed.initialize(); running as a single process")
+  except ValueError as e:
+    raise RuntimeError(f"jax.distributed.initialize() could not find this TPU slice "
+                       f"({reason}): {e}. Set VQGAN_DISTRIBUTED=0 to run as a single "
+                       "process.") from e
 
 
 def mesh_shape(mesh_config, num_devices: int) -> Tuple[int, int, int]:
@@ -158,15 +311,19 @@ def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh,
   size-1 axis splits nothing, and leaving the dimension free lets FSDP pick it).
   """
   spec = [None] * len(shape)
+  # Layer-stacked parameters (the GPT's scan_layers tree, "blocks/...") carry a leading
+  # layer axis: rules apply to the dimensions after it, and it is never split (the scan
+  # walks it one layer at a time).
+  stacked = 1 if re.search(STACKED_PATTERN, name) else 0
   for pattern, axes in rules:
-    if re.search(pattern, name) and len(axes) == len(shape):
-      for dim, axis in enumerate(axes):
+    if re.search(pattern, name) and len(axes) + stacked == len(shape):
+      for dim, axis in enumerate(axes, start=stacked):
         if axis is not None and mesh.shape[axis] > 1 and shape[dim] % mesh.shape[axis] == 0:
           spec[dim] = axis
       break
   fsdp = mesh.shape["fsdp"]
   if fsdp > 1 and "fsdp" not in spec and int(np.prod(shape or (1,))) >= FSDP_MIN_SIZE:
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    for dim in sorted(range(stacked, len(shape)), key=lambda d: -shape[d]):
       if spec[dim] is None and shape[dim] % fsdp == 0:
         spec[dim] = "fsdp"
         break

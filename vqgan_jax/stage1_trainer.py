@@ -26,6 +26,7 @@ import optax
 
 from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop, train_utils
 from vqgan_jax.models import discriminator as discriminator_lib
+from vqgan_jax.models import lpips
 from vqgan_jax.models import vqgan
 
 
@@ -122,7 +123,6 @@ class Stage1Setup:
       rec = losses.pixel_loss(x, x_rec, cfg.pixel_loss)
       perceptual = jnp.zeros((), jnp.float32)
       if cfg.perceptual_weight > 0:
-        from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
         perceptual = jnp.mean(lpips.lpips_distance(lpips_params, x, x_rec))
       return rec + cfg.perceptual_weight * perceptual, (rec, perceptual)
 
@@ -170,29 +170,50 @@ class Stage1Setup:
   # ------------------------------------------------------------------ step
   def train_step(self, state: Stage1State, batch: Dict[str, jax.Array], lpips_params,
                  use_gan: bool):
-    """One update of the generator (and of the discriminator once the GAN is on)."""
+    """One update of the generator (and of the discriminator once the GAN is on).
+
+    With config.grad_accum_steps = k > 1 the batch runs as k micro-batches: each computes
+    its own losses and adaptive weight (as the reference does under gradient
+    accumulation), the discriminator's BatchNorm statistics pass from one to the next,
+    and the averaged gradients make one update of each network.
+    """
     trainer = state.trainer
     rng = jax.random.fold_in(self.rng, trainer.step)
-    x = model_inputs(batch, self.config)
-    g_grads, x_rec, out, metrics = self.generator_gradients(
-        state.g_params, trainer, x, lpips_params, rng, use_gan)
+    steps = int(self.config.get("grad_accum_steps", 1))
+
+    def micro_step(micro_batch, index, d_stats):
+      key = rng if steps == 1 else jax.random.fold_in(rng, index)
+      x = model_inputs(micro_batch, self.config)
+      micro_trainer = trainer.replace(d_batch_stats=d_stats)
+      g_grads, x_rec, out, metrics = self.generator_gradients(
+          state.g_params, micro_trainer, x, lpips_params, key, use_gan)
+      grads = {"g": g_grads}
+      if use_gan:
+        grads["d"], d_stats, d_metrics = self.discriminator_gradients(micro_trainer, x, x_rec)
+        metrics.update(d_metrics)
+      metrics["code_counts"] = sharding.sharded_code_counts(
+          out["indices"], self.config.model.n_embed, self.mesh)
+      return grads, metrics, d_stats, out["z_lookup"]
+
+    grads, metrics, d_stats, z_lookup = train_utils.accumulate(
+        micro_step, batch, steps, trainer.d_batch_stats)
+    g_grads = grads["g"]
     g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, state.g_params)
     g_params = optax.apply_updates(state.g_params, g_updates)
-    d_params, d_stats, d_opt_state = trainer.d_params, trainer.d_batch_stats, trainer.d_opt_state
+    d_params, d_opt_state = trainer.d_params, trainer.d_opt_state
     finite_parts = [optax.global_norm(g_grads)]
     if use_gan:
-      d_grads, d_stats, d_metrics = self.discriminator_gradients(trainer, x, x_rec)
-      metrics.update(d_metrics)
-      d_updates, d_opt_state = self.d_tx.update(d_grads, trainer.d_opt_state, trainer.d_params)
+      d_updates, d_opt_state = self.d_tx.update(grads["d"], trainer.d_opt_state,
+                                                trainer.d_params)
       d_params = optax.apply_updates(trainer.d_params, d_updates)
-      finite_parts.append(optax.global_norm(d_grads))
+      finite_parts.append(optax.global_norm(grads["d"]))
 
-    counts = sharding.sharded_code_counts(out["indices"], self.config.model.n_embed, self.mesh)
+    counts = metrics.pop("code_counts")
     usage_ema = (self.config.model.dead_code_decay * trainer.code_usage_ema
                  + (1.0 - self.config.model.dead_code_decay) * counts.astype(jnp.float32))
     if self.config.model.restart_dead_codes:
       g_params, usage_ema, restarted = self._restart_dead_codes(
-          g_params, usage_ema, out["z_lookup"], jax.random.fold_in(rng, 1))
+          g_params, usage_ema, z_lookup, jax.random.fold_in(rng, 1))
       metrics["codes_restarted"] = restarted
 
     finite = jnp.all(jnp.isfinite(jnp.stack(
@@ -240,7 +261,6 @@ class Stage1Setup:
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # data range 2 for [-1, 1]
     sums = {"l1": l1, "mse": mse, "psnr": psnr}
     if lpips_params is not None:
-      from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
       sums["lpips"] = lpips.lpips_distance(lpips_params, x, x_rec)
     sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
     sums["count"] = jnp.sum(mask)
@@ -274,50 +294,74 @@ def gan_active(config, step: int) -> bool:
 def _lpips_params(config):
   if config.loss.perceptual_weight <= 0:
     return None
-  from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
   return lpips.load_lpips_params()
 
 
-class Stage1Runner:
-  """A Stage1Setup placed on a mesh: compiled steps, shardings, checkpoint I/O."""
+def place(tree, sharding_, abstract: bool):
+  """Puts a pytree on devices with `sharding_`, or (abstract=True, for ahead-of-time
+  compilation) describes it as ShapeDtypeStructs carrying that sharding."""
+  if abstract:
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
+  return jax.device_put(tree, sharding_)
 
-  def __init__(self, config, mesh=None):
+
+def abstract_lpips_params():
+  """Shapes of the LPIPS network's parameters (no weight file read)."""
+  x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+  return jax.eval_shape(lambda a, b: lpips.LPIPS().init(jax.random.PRNGKey(0), a, b), x, x)[
+      "params"]
+
+
+class Stage1Runner:
+  """A Stage1Setup placed on a mesh: compiled steps, shardings, checkpoint I/O.
+
+  abstract=True builds the same jitted steps without touching devices or weight files
+  (frozen LPIPS parameters as shapes), for `python -m vqgan_jax.dry_run --topology ...`.
+  """
+
+  def __init__(self, config, mesh=None, abstract: bool = False):
     self.setup = Stage1Setup(config)
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     self.setup.mesh = self.mesh
-    abstract = jax.eval_shape(self.setup.init_state, self.setup.rng)
-    self.state_shardings = sharding.tree_shardings(abstract, self.mesh, sharding.VQGAN_RULES)
+    abstract_state = jax.eval_shape(self.setup.init_state, self.setup.rng)
+    self.state_shardings = sharding.tree_shardings(abstract_state, self.mesh,
+                                                   sharding.VQGAN_RULES)
     self.abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     replicated = sharding.replicated(self.mesh)
-    lpips_params = _lpips_params(config)
-    self.lpips_params = (None if lpips_params is None
-                         else jax.device_put(lpips_params, replicated))
+    self.lpips_params = None
+    if config.loss.perceptual_weight > 0:
+      self.lpips_params = place(abstract_lpips_params() if abstract else _lpips_params(config),
+                                replicated, abstract)
+    traced = functools.partial(sharding.under_mesh, mesh=self.mesh)
     self._init = jax.jit(self.setup.init_state, out_shardings=self.state_shardings)
-    self._steps = {
-        use_gan: jax.jit(functools.partial(self.setup.train_step, use_gan=use_gan),
+    # The jitted steps, public for ahead-of-time compilation (dry_run): train[use_gan]
+    # (state, batch, lpips_params) and eval (g_params, batch, lpips_params).
+    self.jitted_train = {
+        use_gan: jax.jit(traced(functools.partial(self.setup.train_step, use_gan=use_gan)),
                          in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
         for use_gan in (False, True)}
-    self._eval = jax.jit(self.setup.eval_step,
-                         in_shardings=(self.state_shardings.g_params, self.batch_sharding,
-                                       replicated),
-                         out_shardings=(replicated, replicated, self.batch_sharding))
+    self.jitted_eval = jax.jit(traced(self.setup.eval_step),
+                               in_shardings=(self.state_shardings.g_params, self.batch_sharding,
+                                             replicated),
+                               out_shardings=(replicated, replicated, self.batch_sharding))
 
   def init_state(self) -> Stage1State:
     return self._init(self.setup.rng)
 
   def train_step(self, state, batch, step: int):
-    return self._steps[gan_active(self.config, step)](state, batch, self.lpips_params)
+    return self.jitted_train[gan_active(self.config, step)](state, batch, self.lpips_params)
 
   def evaluate(self, g_params, eval_batches, keep_images: int = 8):
     """Mean val metrics over the given global batches, plus a few reconstructions."""
     totals, counts, shown = None, None, ([], [])
     for batch in eval_batches:
-      sums, batch_counts, x_rec = self._eval(g_params, batch, self.lpips_params)
+      sums, batch_counts, x_rec = self.jitted_eval(g_params, batch, self.lpips_params)
       sums = jax.device_get(sums)
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
       counts = batch_counts if counts is None else counts + batch_counts
@@ -361,16 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains (or resumes) a VQGAN in `workdir`; returns the last evaluation's metrics."""
   config_lib.validate_vqgan_config(config)
   sharding.maybe_initialize_distributed()
-  if config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by the {jax.process_count()} "
-        "processes")
-  runner = Stage1Runner(config)
-  mesh = runner.mesh
-  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise config_lib.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by data x fsdp = "
-        f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  mesh = sharding.make_mesh(config.mesh)
+  config_lib.validate_batch_sizes(config, mesh)
+  runner = Stage1Runner(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep,
                                        config.async_checkpointing)

@@ -43,6 +43,7 @@ tokenisation (crops, corruption, loss) is the same code either way.
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -56,7 +57,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop
+from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop, train_utils
 from vqgan_jax import stage1_trainer
 from vqgan_jax import tokens as tokens_lib
 from vqgan_jax.models import transformer
@@ -298,7 +299,8 @@ def build_gpt(config, layout: VocabLayout, prefix_len: int, num_image_tokens: in
       vocab_size=int(vocab), block_size=int(block), n_layer=m.n_layer, n_head=m.n_head,
       n_embd=m.n_embd, embd_pdrop=m.embd_pdrop, resid_pdrop=m.resid_pdrop,
       attn_pdrop=m.attn_pdrop, attention=m.attention, linear_chunk_size=m.linear_chunk_size,
-      dtype=dtype if dtype is not None else compute_dtype(config), remat=m.remat)
+      dtype=dtype if dtype is not None else compute_dtype(config), remat=m.remat,
+      scan_layers=bool(m.get("scan_layers", False)))
 
 
 def stated_model(config, latent_grid: Optional[Tuple[int, int]] = None):
@@ -516,22 +518,32 @@ class Stage2Setup:
 
   # ----------------------------------------------------------------- steps
   def train_step(self, state: Stage2State, batch, frozen):
+    """One optimiser update on `batch`, as config.grad_accum_steps micro-batches whose
+    gradients are averaged (one micro-batch = the whole batch by default)."""
     trainer = state.trainer
     rng = jax.random.fold_in(self.rng, trainer.step)
-    seq_key, corrupt_key, dropout_key = jax.random.split(rng, 3)
-    tokens = self.sequence(frozen, batch, seq_key, train=True)
-    inputs = corrupt_image_tokens(tokens, self.prefix_len, self.layout.n_codes,
-                                  self.config.pkeep, corrupt_key)[:, :-1]
-    targets = tokens[:, 1:]
-    mask = jnp.broadcast_to(self.loss_mask[None], targets.shape)
+    steps = int(self.config.get("grad_accum_steps", 1))
 
-    def loss_fn(params):
-      logits = self.gpt.apply({"params": params}, inputs, train=True,
-                              rngs={"dropout": dropout_key})
-      loss, _ = sequence_loss(logits, targets, mask)
-      return loss
+    def micro_step(micro_batch, index, carry):
+      key = rng if steps == 1 else jax.random.fold_in(rng, index)
+      seq_key, corrupt_key, dropout_key = jax.random.split(key, 3)
+      tokens = self.sequence(frozen, micro_batch, seq_key, train=True)
+      inputs = corrupt_image_tokens(tokens, self.prefix_len, self.layout.n_codes,
+                                    self.config.pkeep, corrupt_key)[:, :-1]
+      targets = tokens[:, 1:]
+      mask = jnp.broadcast_to(self.loss_mask[None], targets.shape)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      def loss_fn(params):
+        logits = self.gpt.apply({"params": params}, inputs, train=True,
+                                rngs={"dropout": dropout_key})
+        loss, _ = sequence_loss(logits, targets, mask)
+        return loss
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      return grads, {"loss": loss}, carry, ()
+
+    grads, micro_metrics, _, _ = train_utils.accumulate(micro_step, batch, steps)
+    loss = micro_metrics["loss"]
     updates, opt_state = self.tx.update(grads, trainer.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -659,31 +671,41 @@ def train_iterator(config, seed: int):
 
 
 class Stage2Runner:
-  """A Stage2Setup placed on a mesh: compiled steps, shardings."""
+  """A Stage2Setup placed on a mesh: compiled steps, shardings.
 
-  def __init__(self, config, first, cond=None, mesh=None, num_classes=None):
+  abstract=True builds the same jitted steps without touching devices: the frozen
+  VQGAN parameters are given as shapes (`first.params` may be ShapeDtypeStructs), for
+  ahead-of-time compilation (`python -m vqgan_jax.dry_run --topology ...`).
+  """
+
+  def __init__(self, config, first, cond=None, mesh=None, num_classes=None,
+               abstract: bool = False):
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     self.setup = Stage2Setup(config, first, cond, num_classes)
-    abstract = jax.eval_shape(self.setup.init_state, self.setup.rng)
-    self.state_shardings = sharding.tree_shardings(abstract, self.mesh, GPT_SHARDING_RULES)
+    abstract_state = jax.eval_shape(self.setup.init_state, self.setup.rng)
+    self.state_shardings = sharding.tree_shardings(abstract_state, self.mesh,
+                                                   GPT_SHARDING_RULES)
     self.abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         self.state_shardings)
     repl = sharding.replicated(self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.frozen = {"first": jax.device_put(first.params, repl)}
+    self.frozen = {"first": stage1_trainer.place(first.params, repl, abstract)}
     if cond is not None:
-      self.frozen["cond"] = jax.device_put(cond.params, repl)
+      self.frozen["cond"] = stage1_trainer.place(cond.params, repl, abstract)
+    traced = functools.partial(sharding.under_mesh, mesh=self.mesh)
     self._init = jax.jit(self.setup.init_state, out_shardings=self.state_shardings)
-    self._train = jax.jit(self.setup.train_step,
-                          in_shardings=(self.state_shardings, self.batch_sharding, repl),
-                          out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self._eval = jax.jit(self.setup.eval_step,
-                         in_shardings=(self.state_shardings.params, self.batch_sharding, repl,
-                                       repl),
-                         out_shardings=(repl, repl))
-    self._count = jax.jit(self.setup.count_step,
+    # The jitted steps, public for ahead-of-time compilation (dry_run).
+    self.jitted_train = jax.jit(traced(self.setup.train_step),
+                                in_shardings=(self.state_shardings, self.batch_sharding, repl),
+                                out_shardings=(self.state_shardings, repl),
+                                donate_argnums=(0,))
+    self.jitted_eval = jax.jit(traced(self.setup.eval_step),
+                               in_shardings=(self.state_shardings.params, self.batch_sharding,
+                                             repl, repl),
+                               out_shardings=(repl, repl))
+    self._count = jax.jit(traced(self.setup.count_step),
                           in_shardings=(self.batch_sharding, repl, repl), out_shardings=repl)
 
   def init_state(self) -> Stage2State:
@@ -694,14 +716,14 @@ class Stage2Runner:
     return sharding.global_batch({k: batch[k] for k in keys}, self.mesh)
 
   def train_step(self, state, batch):
-    return self._train(state, self.select(batch), self.frozen)
+    return self.jitted_train(state, self.select(batch), self.frozen)
 
   def evaluate(self, params, eval_batches) -> Tuple[Dict[str, float], np.ndarray]:
     """Val cross-entropy (nats and bits per image token) and val token counts."""
     nll, count, counts = 0.0, 0.0, None
     base = jax.random.PRNGKey(self.config.seed + 1)
     for i, batch in enumerate(eval_batches):
-      sums, batch_counts = self._eval(params, self.select(batch, True), self.frozen,
+      sums, batch_counts = self.jitted_eval(params, self.select(batch, True), self.frozen,
                                       jax.random.fold_in(base, i))
       sums = jax.device_get(sums)
       nll += float(sums["nll_sum"])
@@ -911,15 +933,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   val_unigram_bits_per_token)."""
   config_lib.validate_transformer_config(config)
   sharding.maybe_initialize_distributed()
-  if config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by the {jax.process_count()} "
-        "processes")
   mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise config_lib.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by data x fsdp = "
-        f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  config_lib.validate_batch_sizes(config, mesh)
 
   # Everything that can be checked without compiling comes first.
   os.makedirs(workdir, exist_ok=True)

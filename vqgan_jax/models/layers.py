@@ -11,11 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax import sharding
+
 # XLA's CPU convolution is pathologically slow on tiny feature maps (a 3x3 conv on a
 # 2x2 map with 512 channels runs at ~3 GFLOP/s, 60x below an equivalent matmul; its
 # gradient is worse). At or below this many output positions per image, Conv lowers
-# to explicit patches + one matmul instead. `python -m vqgan_jax.bench --task conv`
-# shows the measurement.
+# to explicit patches + one matmul instead, on CPU only (TPU and GPU convolutions have no
+# such cliff). `python -m vqgan_jax.bench --task conv` shows the measurement.
 IM2COL_MAX_POSITIONS = 16
 
 
@@ -35,7 +37,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int],
   kh, kw, cin, cout = kernel.shape
   out_h = _output_size(x.shape[1], kh, strides[0], padding[0])
   out_w = _output_size(x.shape[2], kw, strides[1], padding[1])
-  if out_h * out_w > IM2COL_MAX_POSITIONS or kh * kw == 1:
+  if out_h * out_w > IM2COL_MAX_POSITIONS or kh * kw == 1 or not sharding.on_platform("cpu"):
     return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))

@@ -27,7 +27,19 @@ Decoding API (explicit, functional caches; no mutable collections):
   logits, cache = model.apply(params, tokens, cache, method=GPT.prefill)
   logits, cache = model.apply(params, token, position, cache, method=GPT.decode_step)
 The cache is {"index": int32 scalar (next position to write), "layers": tuple of per-layer
-kernel caches} (see `vqgan_jax.models.attention`).
+kernel caches} (see `vqgan_jax.models.attention`); with `scan_layers` "layers" is one such
+cache whose arrays carry a leading layer axis.
+
+Scale-out switches (the paper configs use them):
+  scan_layers   the blocks' parameters stacked on a leading layer axis ("blocks/..." instead
+                of "blocks_{i}/...") and run by one `lax.scan`: compile time and program
+                size stop growing with depth. `stack_block_params`/`unstack_block_params`
+                convert between the two trees; the values are the same.
+  remat         "none" | "full" (recompute each block in the backward pass) | "dots" (keep
+                the matmul outputs, recompute the rest); True/False mean "full"/"none".
+Activations carry logical sharding constraints (`sharding.constrain`): batch over
+data x fsdp, heads and MLP units over tensor, logits over tensor by vocabulary. They take
+effect when the step is traced under a mesh (`sharding.under_mesh`), and are no-ops otherwise.
 """
 
 from typing import Any, Dict, Optional
@@ -37,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vqgan_jax import sharding
 from vqgan_jax.models.attention import SoftmaxAttention, causal_softmax_attention, get_attention
 
 _dense_init = nn.initializers.normal(stddev=0.02)
@@ -74,7 +87,8 @@ class CausalSelfAttention(nn.Module):
     return get_attention(self.attention, self.linear_chunk_size)
 
   def _heads(self, y):
-    return y.reshape(*y.shape[:2], self.n_head, self.n_embd // self.n_head)
+    y = y.reshape(*y.shape[:2], self.n_head, self.n_embd // self.n_head)
+    return sharding.constrain(y, "batch", None, "heads", None)
 
   def _qkv(self, x):
     return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
@@ -95,7 +109,9 @@ class CausalSelfAttention(nn.Module):
 
   def _out(self, y, train: bool):
     b, t = y.shape[:2]
-    return self.resid_drop(self.proj(y.reshape(b, t, self.n_embd)), deterministic=not train)
+    y = sharding.constrain(y, "batch", None, "heads", None)
+    out = self.resid_drop(self.proj(y.reshape(b, t, self.n_embd)), deterministic=not train)
+    return sharding.constrain(out, "batch", None, None)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     q, k, v = self._qkv(x)
@@ -125,9 +141,10 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = _dense(4 * self.n_embd, self.dtype, "fc")(x)
+    h = sharding.constrain(_dense(4 * self.n_embd, self.dtype, "fc")(x), "batch", None, "mlp")
     h = nn.gelu(h, approximate=False)  # torch.nn.GELU() default is the exact erf form
     h = _dense(self.n_embd, self.dtype, "proj")(h)
+    h = sharding.constrain(h, "batch", None, None)
     return nn.Dropout(self.resid_pdrop)(h, deterministic=not train)
 
 
@@ -150,6 +167,7 @@ class Block(nn.Module):
     self.mlp = MLP(self.n_embd, self.resid_pdrop, self.dtype, name="mlp")
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = sharding.constrain(x, "batch", None, None)
     x = x + self.attn(self.ln1(x), train)
     return x + self.mlp(self.ln2(x), train)
 
@@ -170,7 +188,9 @@ class GPT(nn.Module):
   `dtype` is the compute dtype (parameters stay float32); logits are always float32.
   `attention="linear"` swaps in causal linear attention (chunked with `linear_chunk_size`);
   attention-probability dropout has no counterpart there, so it requires attn_pdrop == 0.
-  `remat=True` rematerialises each block in the backward pass (training forward only).
+  `remat` rematerialises blocks in the backward pass (training forward only): "none",
+  "full" or "dots" (True/False = "full"/"none"); `scan_layers` stacks the blocks (see the
+  module docstring).
   """
   vocab_size: int
   block_size: int
@@ -183,7 +203,8 @@ class GPT(nn.Module):
   attention: str = "softmax"
   linear_chunk_size: int = 64
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False
+  scan_layers: bool = False
 
   def setup(self):
     if self.n_embd % self.n_head:
@@ -196,13 +217,25 @@ class GPT(nn.Module):
     self.wpe = self.param("wpe", nn.initializers.zeros, (self.block_size, self.n_embd),
                           jnp.float32)
     self.drop = nn.Dropout(self.embd_pdrop)
-    # `train` (argument 2 counting self) is a Python bool, so it must be static under remat.
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    self.blocks = [
-        block_cls(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.attention,
-                  self.linear_chunk_size, self.dtype, name=f"blocks_{i}")
-        for i in range(self.n_layer)
-    ]
+    policy = remat_policy(self.remat)
+    if self.scan_layers:
+      template = self._block_template()
+      sample = jnp.zeros((1, 1, self.n_embd), self.dtype)
+
+      def init_stacked(rng):
+        keys = jax.random.split(rng, self.n_layer)
+        return jax.vmap(lambda k: template.init(k, sample)["params"])(keys)
+
+      self.stacked_blocks = self.param("blocks", init_stacked)
+    else:
+      # `train` (argument 2 counting self) is a Python bool, so it must be static under remat.
+      block_cls = (nn.remat(Block, static_argnums=(2,), policy=_POLICIES[policy])
+                   if policy != "none" else Block)
+      self.blocks = [
+          block_cls(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.attention,
+                    self.linear_chunk_size, self.dtype, name=f"blocks_{i}")
+          for i in range(self.n_layer)
+      ]
     self.ln_f = _layer_norm(self.dtype, "ln_f")
     self.head = _dense(self.vocab_size, self.dtype, "head", use_bias=False)
 
@@ -215,14 +248,56 @@ class GPT(nn.Module):
     return self.drop(x, deterministic=not train)
 
   def _logits(self, x: jax.Array) -> jax.Array:
-    return self.head(self.ln_f(x)).astype(jnp.float32)
+    logits = self.head(self.ln_f(x)).astype(jnp.float32)
+    return sharding.constrain(logits, "batch", None, "vocab")
+
+  def _block_template(self) -> Block:
+    """An unbound Block whose parameters come from one layer of the stacked tree."""
+    return Block(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.attention,
+                 self.linear_chunk_size, self.dtype, parent=None)
+
+  def _scanned(self, x: jax.Array, train: bool) -> jax.Array:
+    template = self._block_template()
+    dropout = train and max(self.embd_pdrop, self.resid_pdrop, self.attn_pdrop) > 0
+    key = self.make_rng("dropout") if dropout else None
+
+    def body(h, layer):
+      params, index = layer
+      rngs = {"dropout": jax.random.fold_in(key, index)} if dropout else {}
+      return template.apply({"params": params}, h, train, rngs=rngs), None
+
+    policy = remat_policy(self.remat)
+    if policy != "none":
+      body = jax.checkpoint(body, policy=_POLICIES[policy], prevent_cse=False)
+    x, _ = lax.scan(body, x, (self.stacked_blocks, jnp.arange(self.n_layer)))
+    return x
 
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     """tokens (B, T) int32 -> logits (B, T, vocab_size) float32."""
-    x = self._embed(tokens, 0, train)
-    for block in self.blocks:
-      x = block(x, train)
+    x = sharding.constrain(self._embed(tokens, 0, train), "batch", None, None)
+    if self.scan_layers:
+      x = self._scanned(x, train)
+    else:
+      for block in self.blocks:
+        x = block(x, train)
     return self._logits(x)
+
+  def _run_cached(self, x: jax.Array, cache, run):
+    """x through every block with its layer cache; run(block, x, layer_cache) -> (x,
+    layer_cache) is Block.prefill or Block.step with its other arguments bound."""
+    if self.scan_layers:
+      template = self._block_template()
+
+      def body(h, layer):
+        params, layer_cache = layer
+        return template.apply({"params": params}, h, layer_cache, method=run)
+
+      return lax.scan(body, x, (self.stacked_blocks, cache["layers"]))
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache["layers"]):
+      x, layer_cache = run(block, x, layer_cache)
+      layers.append(layer_cache)
+    return x, tuple(layers)
 
   # ----- decoding --------------------------------------------------------------------
 
@@ -235,6 +310,8 @@ class GPT(nn.Module):
     head_dim = self.n_embd // self.n_head
     layers = tuple(kernel.init_cache(batch_size, max_length, self.n_head, head_dim, self.dtype)
                    for _ in range(self.n_layer))
+    if self.scan_layers:
+      layers = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
   def prefill(self, tokens: jax.Array, cache: Dict[str, Any]):
@@ -242,11 +319,8 @@ class GPT(nn.Module):
     fresh cache); returns (logits (B, T, vocab) float32, cache advanced by T)."""
     start = cache["index"]
     x = self._embed(tokens, start, False)
-    layers = []
-    for block, layer_cache in zip(self.blocks, cache["layers"]):
-      x, layer_cache = block.prefill(x, layer_cache, start)
-      layers.append(layer_cache)
-    new_cache = {"index": start + tokens.shape[1], "layers": tuple(layers)}
+    x, layers = self._run_cached(x, cache, lambda m, h, c: m.prefill(h, c, start))
+    new_cache = {"index": start + tokens.shape[1], "layers": layers}
     return self._logits(x), new_cache
 
   def decode_step(self, tokens: jax.Array, position: jax.Array, cache: Dict[str, Any]):
@@ -256,11 +330,43 @@ class GPT(nn.Module):
     tokens = tokens.reshape(tokens.shape[0], 1)
     position = jnp.asarray(position, jnp.int32)
     x = self._embed(tokens, position, False)
-    layers = []
-    for block, layer_cache in zip(self.blocks, cache["layers"]):
-      x, layer_cache = block.step(x, position, layer_cache)
-      layers.append(layer_cache)
-    return self._logits(x)[:, 0], {"index": position + 1, "layers": tuple(layers)}
+    x, layers = self._run_cached(x, cache, lambda m, h, c: m.step(h, position, c))
+    return self._logits(x)[:, 0], {"index": position + 1, "layers": layers}
+
+
+_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def remat_policy(remat) -> str:
+  """Normalises `GPT.remat` (True/False or a policy name) to "none" | "full" | "dots"."""
+  if remat is True:
+    return "full"
+  if remat is False or remat is None or remat == "":
+    return "none"
+  if remat not in ("none",) + tuple(_POLICIES):
+    raise ValueError(f"remat={remat!r}: expected 'none', 'full' or 'dots'")
+  return remat
+
+
+def stack_block_params(params, n_layer: int):
+  """Unrolled GPT params (blocks_0 ... blocks_{n-1}) -> the `scan_layers` tree ("blocks"
+  with a leading layer axis); other entries unchanged."""
+  params = dict(params)
+  layers = [params.pop(f"blocks_{i}") for i in range(n_layer)]
+  params["blocks"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+  return params
+
+
+def unstack_block_params(params, n_layer: int):
+  """The inverse of `stack_block_params`."""
+  params = dict(params)
+  stacked = params.pop("blocks")
+  for i in range(n_layer):
+    params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+  return params
 
 
 def count_params(params) -> int:

@@ -6,6 +6,10 @@ VQModel's methods are the quantizer API the rest of the project uses:
   decode(z_q)             -> images in [-1, 1] (not clipped; no tanh, as the reference)
   decode_indices(indices) -> images from (B, h, w) indices
   codebook()              -> (n_embed, lookup_dim) codes as compared with latents
+
+`remat=True` recomputes each ResnetBlock and AttnBlock in the backward pass (the
+parameter tree is unchanged); every block's output is constrained to be split over the
+batch axes when traced under a mesh (`sharding.constrain`).
 """
 
 from typing import Any, Dict, Sequence, Tuple
@@ -14,8 +18,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax import sharding
 from vqgan_jax.models.layers import AttnBlock, Conv, conv2d, Downsample, Normalize, ResnetBlock, Upsample, swish
 from vqgan_jax.models.quantizer import VectorQuantizer
+
+
+def _pin(h: jax.Array) -> jax.Array:
+  """An NHWC activation split over the batch axes (a no-op outside a mesh)."""
+  return sharding.constrain(h, "batch", None, None, None)
+
+
+def _blocks(remat: bool):
+  """(ResnetBlock, AttnBlock) classes, rematerialised in the backward pass if asked."""
+  if not remat:
+    return ResnetBlock, AttnBlock
+  # ResnetBlock's `train` (argument 2 counting self) is a Python bool: static under remat.
+  return nn.remat(ResnetBlock, static_argnums=(2,)), nn.remat(AttnBlock)
 
 
 class Encoder(nn.Module):
@@ -28,23 +46,26 @@ class Encoder(nn.Module):
   z_channels: int = 256
   double_z: bool = False
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    ResnetBlock, AttnBlock = _blocks(self.remat)  # pylint: disable=invalid-name,redefined-outer-name
     h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     curr_res = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
         h = ResnetBlock(self.ch * mult, self.dropout, self.dtype,
                         name=f"down_{level}_block_{block}")(h, train)
+        h = _pin(h)
         if curr_res in self.attn_resolutions:
-          h = AttnBlock(self.dtype, name=f"down_{level}_attn_{block}")(h)
+          h = _pin(AttnBlock(self.dtype, name=f"down_{level}_attn_{block}")(h))
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.dtype, name=f"down_{level}_downsample")(h)
         curr_res //= 2
     h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_1")(h, train)
     h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-    h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train)
+    h = _pin(ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train))
     h = swish(Normalize("norm_out", self.dtype)(h))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
@@ -61,22 +82,25 @@ class Decoder(nn.Module):
   resolution: int = 256
   z_channels: int = 256
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
+    ResnetBlock, AttnBlock = _blocks(self.remat)  # pylint: disable=invalid-name,redefined-outer-name
     num_levels = len(self.ch_mult)
     curr_res = self.resolution // 2 ** (num_levels - 1)
     block_in = self.ch * self.ch_mult[-1]
     h = Conv(block_in, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_1")(h, train)
     h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-    h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train)
+    h = _pin(ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train))
     for level in reversed(range(num_levels)):
       for block in range(self.num_res_blocks + 1):
         h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, self.dtype,
                         name=f"up_{level}_block_{block}")(h, train)
+        h = _pin(h)
         if curr_res in self.attn_resolutions:
-          h = AttnBlock(self.dtype, name=f"up_{level}_attn_{block}")(h)
+          h = _pin(AttnBlock(self.dtype, name=f"up_{level}_attn_{block}")(h))
       if level != 0:
         h = Upsample(self.dtype, name=f"up_{level}_upsample")(h)
         curr_res *= 2
@@ -110,11 +134,13 @@ class VQModel(nn.Module):
   codebook_dim: int = 0
   l2_normalize: bool = False
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), dropout=self.dropout,
-                  resolution=self.resolution, z_channels=self.z_channels, dtype=self.dtype)
+                  resolution=self.resolution, z_channels=self.z_channels, dtype=self.dtype,
+                  remat=self.remat)
     self.encoder = Encoder(**common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     self.quant_conv = nn.Dense(self.embed_dim, name="quant_conv")
@@ -157,4 +183,5 @@ def vqmodel_from_config(model_config, dtype=jnp.float32) -> VQModel:
       attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout, resolution=c.resolution,
       in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels,
       embed_dim=c.embed_dim, n_embed=c.n_embed, beta=c.beta, legacy_beta=c.legacy_beta,
-      codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize, dtype=dtype)
+      codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize, dtype=dtype,
+      remat=bool(c.get("remat", False)))
