@@ -102,7 +102,9 @@ def test_stage2_grad_accumulation_equals_one_big_batch(scan_layers):
   # with near-zero gradients amplify float rounding, so compare at 1% of the step.
   assert _max_diff(p1, p4) < 1e-5
   # The update is not trivially zero.
-  init = stage2_trainer.Stage2Setup(_tiny_stage2_config(1), first, None, 0)
+  init_config = _tiny_stage2_config(1)
+  init_config.model.scan_layers = scan_layers
+  init = stage2_trainer.Stage2Setup(init_config, first, None, 0)
   assert _max_diff(init.init_state(init.rng).params, p1) > 1e-4
 
 
