@@ -42,7 +42,13 @@ Subcommands:
                       stage1  python train_stage1.py ARGS
                       stage2  python train_stage2.py ARGS
                       eval    python -m vqgan_jax.eval ARGS
-                    output goes to ~/$REMOTE_DIR_NAME/logs/JOB.log on each worker
+                    output goes to ~/$REMOTE_DIR_NAME/logs/JOB.log on each worker.
+                    The job gets VQGAN_DISTRIBUTED=1: every worker calls
+                    jax.distributed.initialize(), which finds the slice itself (worker
+                    list and id from the TPU metadata), so all workers form one job and
+                    a SIGTERM to any of them stops all after the same step with one
+                    checkpoint. (Without it the job would detect the TPU VM anyway.)
+                    --env VQGAN_DISTRIBUTED=0 runs each worker as its own 1-process job.
                       --job JOB             log name (default: MODE)
                       --env KEY=VALUE       extra environment variable (repeatable);
                                             ${PASSTHROUGH_ENV[*]} are passed on when set
@@ -352,8 +358,9 @@ cmd_run() {
   job=${OPT_JOB:-$mode}
   [[ $job =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die_usage "--job must match [A-Za-z0-9._-]+, got '$job'"
 
-  # Environment for the job: known variables when set locally, then --env.
-  local envs=()
+  # Environment for the job: multi-host start, known variables when set locally,
+  # then --env (later entries win, so --env VQGAN_DISTRIBUTED=0 opts out).
+  local envs=(VQGAN_DISTRIBUTED=1)
   for v in "${PASSTHROUGH_ENV[@]}"; do
     [[ -z ${!v+x} ]] || envs+=("$v=${!v}")
   done

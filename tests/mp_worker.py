@@ -6,12 +6,18 @@
       give, the shard_map functions against their unsharded twins, and checkpoints moved
       between an 8-device mesh and 1 device. Writes its results as JSON.
   python tests/mp_worker.py train PROCESS_ID NUM_PROCESSES PORT WORKDIR STEPS OUT.json
-      one process of a multi-process stage-1 run (`train_and_evaluate`) on a global mesh.
+      one process of a multi-process stage-1 then stage-2 run (`train_and_evaluate`) on a
+      global mesh, with asynchronous checkpointing. JAX's distributed system is started the
+      way the README tells CPU users: the caller sets JAX_COORDINATOR_ADDRESS,
+      JAX_NUM_PROCESSES and JAX_PROCESS_ID (see `coordinator_env`), and only the trainer's
+      own `maybe_initialize_distributed()` reads them.
   python tests/mp_worker.py resume WORKDIR STEPS OUT.json
       a single-process run that resumes WORKDIR (any earlier topology) up to STEPS.
   python tests/mp_worker.py preempt PROCESS_ID NUM_PROCESSES PORT WORKDIR SIGNAL_AT OUT.json
-      one process of a multi-process stage-1 run in which only process 1 gets SIGTERM,
-      sent to itself while step SIGNAL_AT is dispatched; records where each process stopped.
+      one process of two multi-process stage-1 runs (distributed started by arguments) in
+      which only process 1 gets a signal, sent to itself while step SIGNAL_AT is dispatched:
+      SIGINT (a local flag, agreed at log steps), then SIGTERM (JAX's preemption service);
+      records where each process stopped.
 
 Device counts and the coordinator must be set before JAX starts, hence a process each.
 Test modules import this file only for `run_workers` (launch with a deadline, kill the
@@ -45,8 +51,8 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 # ------------------------------------------------------------------- launching (test side)
 
-def worker_env(num_devices: int) -> dict:
-  """Environment of a worker with `num_devices` forced CPU devices."""
+def worker_env(num_devices: int, extra=None) -> dict:
+  """Environment of a worker with `num_devices` forced CPU devices (plus `extra`)."""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
@@ -58,12 +64,21 @@ def worker_env(num_devices: int) -> dict:
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   env.pop("JAX_NUM_PROCESSES", None)
   env.pop("JAX_PROCESS_ID", None)
+  env.pop("VQGAN_DISTRIBUTED", None)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(extra or {})
   return env
 
 
-def run_workers(arg_lists, num_devices: int, timeout: float, log_dir: str):
+def coordinator_env(port: int, num_processes: int, process_id: int) -> dict:
+  """The environment variables that start a CPU process of a multi-process run."""
+  return {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+          "JAX_NUM_PROCESSES": str(num_processes), "JAX_PROCESS_ID": str(process_id)}
+
+
+def run_workers(arg_lists, num_devices: int, timeout: float, log_dir: str, envs=None):
   """Runs one worker per argument list at once; returns [(returncode, log text)].
+  envs: an extra environment per worker (optional).
 
   Each worker runs in its own process group, and every group still running at the
   deadline (a hung collective, say) is killed, so a test can never hang the suite.
@@ -74,7 +89,8 @@ def run_workers(arg_lists, num_devices: int, timeout: float, log_dir: str):
     log = open(os.path.join(log_dir, f"worker_{args[0]}_{i}.log"), "w+")  # pylint: disable=consider-using-with
     proc = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, os.path.abspath(__file__)] + [str(a) for a in args],
-        cwd=REPO, env=worker_env(num_devices), stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=worker_env(num_devices, envs[i] if envs else None), stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True)
     procs.append((proc, log))
   deadline = time.time() + timeout
@@ -460,7 +476,7 @@ def _checkpoint_summary(workdir, step):
           "finite": bool(all(np.all(np.isfinite(x)) for x in leaves))}
 
 
-def stage2_run_config(workdir, steps):
+def stage2_run_config(workdir, steps, async_checkpointing=False):
   c2 = gpt_config()
   c2.first_stage.workdir = os.path.join(workdir, "stage1")
   c2.num_train_steps = steps
@@ -468,7 +484,7 @@ def stage2_run_config(workdir, steps):
   c2.eval_every_steps = c2.checkpoint_every_steps = 2
   c2.num_eval_batches, c2.eval_batch_size = 1, 8
   c2.unigram_batches = 0
-  c2.async_checkpointing = False
+  c2.async_checkpointing = async_checkpointing
   c2.data.photos.photo_short_side = 64
   c2.data.photos.train_examples_per_epoch = 64
   return c2
@@ -476,23 +492,30 @@ def stage2_run_config(workdir, steps):
 
 def run_train(process_id, num_processes, port, workdir, steps, out_path):
   """One process of a 2-process run: stage 1 on a (1, 4, 1) mesh (parameters and optimiser
-  state FSDP-sharded across both processes), then stage 2 on the result on (1, 2, 2)."""
-  # Also selects gloo CPU collectives (before the backend starts).
-  sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+  state FSDP-sharded across both processes), then stage 2 on the result on (1, 2, 2), both
+  with asynchronous checkpointing. Nothing here starts jax.distributed: the trainer does,
+  from the JAX_* variables the caller set (checked against the arguments)."""
+  assert os.environ["JAX_COORDINATOR_ADDRESS"] == f"127.0.0.1:{port}"
+  assert os.environ["JAX_NUM_PROCESSES"] == str(num_processes)
+  assert os.environ["JAX_PROCESS_ID"] == str(process_id)
   from vqgan_jax import stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
-  results = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-             "device_count": jax.device_count(),
-             "local_device_count": jax.local_device_count()}
+  results = {"distributed_before_training": jax.distributed.is_initialized()}
   t0 = time.time()
   config = stage1_config(batch_size=8)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
   config.num_train_steps = steps
+  config.async_checkpointing = True
   metrics = stage1_trainer.train_and_evaluate(config, os.path.join(workdir, "stage1"))
+  results.update({"distributed_after_training": jax.distributed.is_initialized(),
+                  "process_index": jax.process_index(), "process_count": jax.process_count(),
+                  "device_count": jax.device_count(),
+                  "local_device_count": jax.local_device_count(),
+                  "async_checkpointing": config.async_checkpointing})
   results["stage1_metrics"] = {k: float(v) for k, v in metrics.items()}
   results["stage1_s"] = time.time() - t0
   if os.environ.get("MP_WORKER_STAGE2", "1") == "1":
     t0 = time.time()
-    c2 = stage2_run_config(workdir, 2)
+    c2 = stage2_run_config(workdir, 2, async_checkpointing=True)
     c2.mesh.data, c2.mesh.fsdp, c2.mesh.tensor = 1, 2, 2
     metrics2 = stage2_trainer.train_and_evaluate(c2, os.path.join(workdir, "stage2"))
     results["stage2_metrics"] = {k: float(v) for k, v in metrics2.items()}
@@ -538,33 +561,49 @@ def run_resume(workdir, steps, out_path):
 
 
 def run_preempt(process_id, num_processes, port, workdir, signal_at, out_path):
-  """SIGTERM reaches process 1 only; every process must stop after the same step, with one
-  checkpoint of that step written by all of them together."""
+  """Only process 1 gets each signal; every process must stop after the same step, with one
+  checkpoint of that step written by all of them together (asynchronously).
+
+  Run 1, SIGINT: a local flag, all-gathered only at log steps (every 4 here), so both stop
+  at the first multiple of 4 from SIGNAL_AT. Run 2, SIGTERM: JAX's preemption service (its
+  own SIGTERM handler, a notifier thread, then a sync point agreed by all processes); steps
+  from SIGNAL_AT on take 0.25 s so that the notice (polled about once a second) lands
+  well before the 50 steps end."""
   sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   from vqgan_jax import checkpointing, stage1_trainer, train_utils  # pylint: disable=g-import-not-at-top
   original = stage1_trainer.Stage1Runner.train_step
+  current = {"signal": None}
 
   def train_step(self, state, batch, step):
+    if step + 1 >= signal_at and current["signal"] == signal.SIGTERM:
+      time.sleep(0.25)
     if jax.process_index() == 1 and step + 1 == signal_at:
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's PreemptionWatcher
+      os.kill(os.getpid(), current["signal"])
     return original(self, state, batch, step)
 
   stage1_trainer.Stage1Runner.train_step = train_step
-  config = stage1_config(batch_size=8)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  config.num_train_steps = 50
-  config.checkpoint_every_steps = config.eval_every_steps = 50
-  config.log_every_steps = 1
-  stage1 = os.path.join(workdir, "stage1")
-  results = {"process_index": jax.process_index(), "preempted_at": None}
-  try:
-    stage1_trainer.train_and_evaluate(config, stage1)
-  except train_utils.Preempted as stop:
-    results["preempted_at"] = stop.step
-  results["checkpoint_steps"] = sorted(
-      checkpointing.make_manager(stage1, read_only=True).all_steps())
-  results["checkpoint"] = _checkpoint_summary(stage1, results["preempted_at"]) \
-      if results["preempted_at"] else None
+  results = {"process_index": jax.process_index(),
+             "preemption_service": train_utils.preemption_service_running()}
+  for name, sig in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+    current["signal"] = sig
+    config = stage1_config(batch_size=8)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.num_train_steps = 50
+    config.checkpoint_every_steps = config.eval_every_steps = 50
+    config.log_every_steps = 4
+    config.async_checkpointing = True
+    stage1 = os.path.join(workdir, name)
+    out = results[name] = {"preempted_at": None}
+    t0 = time.time()
+    try:
+      stage1_trainer.train_and_evaluate(config, stage1)
+    except train_utils.Preempted as stop:
+      out["preempted_at"] = stop.step
+    out["seconds"] = time.time() - t0
+    out["checkpoint_steps"] = sorted(
+        checkpointing.make_manager(stage1, read_only=True).all_steps())
+    out["checkpoint"] = _checkpoint_summary(stage1, out["preempted_at"]) \
+        if out["preempted_at"] else None
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
 

@@ -1,4 +1,5 @@
-"""Tests for launch/tpu_run.sh (the Cloud TPU VM launcher).
+"""Tests for launch/tpu_run.sh (the Cloud TPU VM launcher), and for how a job it starts
+finds its slice (sharding.maybe_initialize_distributed / cloud_tpu_vm_evidence).
 
 No gcloud needed: most tests use --dry_run and parse the printed commands
 ("+ " followed by a shell-quoted argv). A fake `gcloud` is always first on PATH,
@@ -54,7 +55,8 @@ import json, os, sys
 with open(os.environ["FAKE_PY_OUT"], "w") as f:
     json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(),
                "TFDS_DATA_DIR": os.environ.get("TFDS_DATA_DIR"),
-               "EXTRA": os.environ.get("EXTRA")}}, f)
+               "EXTRA": os.environ.get("EXTRA"),
+               "VQGAN_DISTRIBUTED": os.environ.get("VQGAN_DISTRIBUTED")}}, f)
 print("hello from the job")
 """
 
@@ -257,6 +259,18 @@ def test_run_dry_run(sandbox):
     assert words[i + 1:i + 1 + len(PASSTHROUGH)] == PASSTHROUGH
     assert "TFDS_DATA_DIR=gs://bucket/tfds" in words
     assert "~/vqgan_jax/logs/stage1.log" in rc
+    # Every worker starts jax.distributed (one job over the slice).
+    assert words[words.index("env") + 1] == "VQGAN_DISTRIBUTED=1"
+
+
+def test_run_env_can_opt_out_of_distributed(sandbox):
+    r = ok(sandbox.run("--dry_run", "run", "stage1", *BASE, "--no_check",
+                       "--env", "VQGAN_DISTRIBUTED=0"))
+    (launch,) = gcloud_cmds(r.stdout, "ssh")
+    words = shlex.split(remote_command(launch))
+    settings = [w for w in words if w.startswith("VQGAN_DISTRIBUTED=")]
+    assert settings == ["VQGAN_DISTRIBUTED=1", "VQGAN_DISTRIBUTED=0"]  # `env`: the last wins
+    assert "VQGAN_DISTRIBUTED=0" in ok(sandbox.run("--help")).stdout
 
 
 @pytest.mark.parametrize("mode,entry", [("stage1", ["train_stage1.py"]),
@@ -290,6 +304,7 @@ def test_run_executes_on_simulated_worker(sandbox):
     assert got["argv"] == ["-u", "train_stage1.py", *PASSTHROUGH]
     assert got["cwd"] == str(code)
     assert got["TFDS_DATA_DIR"] == "gs://b/tfds dir" and got["EXTRA"] == "two words"
+    assert got["VQGAN_DISTRIBUTED"] == "1"
     log = code / "logs" / "stage1.log"
     deadline = time.time() + 20
     while time.time() < deadline and "hello from the job" not in log.read_text():
@@ -416,3 +431,118 @@ def test_unknown_subcommand_prints_usage(sandbox):
     r = sandbox.run("frobnicate", *BASE)
     assert r.returncode == 2
     assert "frobnicate" in r.stderr and "Usage:" in r.stderr
+
+
+# --------------------------------------------------------------------------- multi-host start
+# How a job that tpu_run.sh starts (or anyone) finds out it is one process of a slice.
+# Fake environments and /dev listings; jax.distributed.initialize itself is replaced.
+
+
+def _fake_dev(**folders):
+    """listdir over a fake /dev: fake_dev(dev=[...], vfio=[...])."""
+    tree = {"/dev": folders.get("dev", []), "/dev/vfio": folders.get("vfio", [])}
+    return lambda path: tree.get(path, [])
+
+
+@pytest.mark.parametrize("env,dev,vfio,libtpu,expected", [
+    # TPU VMs: v2-v4/v5e chips are /dev/accel<N>, v5p/v6e chips /dev/vfio/<N>.
+    ({}, ["accel0", "accel1", "accel2", "accel3", "null"], [], True, "/dev/accel0"),
+    ({}, ["null", "vfio"], ["vfio", "0", "1"], True, "/dev/vfio/0"),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, ["accel0"], [], True, "/dev/accel0"),
+    # TPU_SKIP_MDS_QUERY: JAX only takes the worker list from the environment (GKE).
+    ({"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "h0,h1", "TPU_WORKER_ID": "1"},
+     [], ["0"], True, "/dev/vfio/0"),
+    # Not TPU VMs.
+    ({}, ["null", "vfio"], ["vfio"], True, None),          # only VFIO's control file
+    ({}, ["accel", "null"], [], True, None),               # DRM accel folder (e.g. an NPU)
+    ({}, ["accel0"], [], False, None),                     # chips but no libtpu
+    ({"JAX_PLATFORMS": "cpu"}, ["accel0"], [], True, None),  # this run asked for CPU
+    ({"TPU_SKIP_MDS_QUERY": "1"}, ["accel0"], [], True, None),
+    # CPU hosts that compile ahead of time for a TPU set these; never enough alone.
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-16"}, ["null"], [], True, None),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, ["null"], [], True, None),
+    ({"TPU_ACCELERATOR_TYPE": "v4-8", "TPU_WORKER_HOSTNAMES": "localhost",
+      "TPU_WORKER_ID": "0", "CLOUD_TPU_TASK_ID": "0"}, [], [], True, None),
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3", "TPU_WORKER_ID": "2"}, [], [], True, None),
+])
+def test_cloud_tpu_vm_evidence(env, dev, vfio, libtpu, expected):
+    from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+    got = sharding.cloud_tpu_vm_evidence(env, _fake_dev(dev=dev, vfio=vfio), libtpu)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and expected in got
+
+
+@pytest.fixture
+def fake_distributed(monkeypatch):
+    """maybe_initialize_distributed with jax.distributed.initialize recorded, not run, and
+    a settable TPU-VM verdict; nothing inherited from the test's own environment."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+    for var in ("VQGAN_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    state = {"calls": [], "evidence": None, "error": None, "config": []}
+
+    def initialize(**kwargs):
+        state["calls"].append(kwargs)
+        if state["error"] is not None:
+            raise state["error"]
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda *a: state["config"].append(a))
+    monkeypatch.setattr(sharding, "_tpu_vm_evidence_here", lambda: state["evidence"])
+    state["start"] = sharding.maybe_initialize_distributed
+    return state
+
+
+def test_distributed_start_on_a_tpu_vm_needs_no_setting(fake_distributed):
+    fake_distributed["evidence"] = "TPU device files /dev/accel0"
+    fake_distributed["start"]()
+    assert fake_distributed["calls"] == [{}]  # jax finds the slice itself
+    assert ("jax_cpu_collectives_implementation", "gloo") in fake_distributed["config"]
+
+
+def test_distributed_start_choices(fake_distributed, monkeypatch):
+    start, calls = fake_distributed["start"], fake_distributed["calls"]
+    start()  # no TPU VM, nothing set: one process
+    assert calls == []
+    monkeypatch.setenv("VQGAN_DISTRIBUTED", "1")  # forced: JAX's cluster detection
+    start()
+    assert calls == [{}]
+    monkeypatch.setenv("VQGAN_DISTRIBUTED", "0")  # opted out, even on a TPU VM with JAX_*
+    fake_distributed["evidence"] = "TPU device files /dev/vfio/0"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    start("10.0.0.1:1234", 2, 1)
+    assert calls == [{}]
+    monkeypatch.delenv("VQGAN_DISTRIBUTED")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    start()  # the README's CPU/GPU variables
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                         "process_id": 3}
+    start("10.0.0.2:99", 2, 0)  # arguments win over the variables
+    assert calls[-1] == {"coordinator_address": "10.0.0.2:99", "num_processes": 2,
+                         "process_id": 0}
+    monkeypatch.setenv("VQGAN_DISTRIBUTED", "yes")
+    with pytest.raises(ValueError, match="VQGAN_DISTRIBUTED"):
+        start()
+
+
+def test_distributed_start_failures_on_a_tpu_vm(fake_distributed):
+    fake_distributed["evidence"] = "TPU device files /dev/accel0"
+    fake_distributed["error"] = ValueError("coordinator_address should be defined.")
+    with pytest.raises(RuntimeError, match="VQGAN_DISTRIBUTED=0"):
+        fake_distributed["start"]()
+    # Too late (the caller used JAX first): a warning, one process, no crash.
+    fake_distributed["error"] = RuntimeError(
+        "jax.distributed.initialize() must be called before any JAX computations are executed.")
+    fake_distributed["start"]()
+    assert len(fake_distributed["calls"]) == 2
+
+
+def test_this_cpu_test_process_is_not_taken_for_a_tpu_vm():
+    from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
+    assert sharding._tpu_vm_evidence_here() is None  # pylint: disable=protected-access

@@ -1,12 +1,15 @@
 """Multi-process training on one CPU machine: 2 processes x 2 devices, then 1 process.
 
 tests/mp_worker.py `train` runs in two processes joined by `jax.distributed` (gloo CPU
-collectives, coordinator on 127.0.0.1): stage 1 with `train_and_evaluate` on a
-(data 1, fsdp 4, tensor 1) mesh, so every large parameter and its Adam moments are split
-across both processes, each process reading its own slice of the data and the
-checkpoint written collectively; then stage 2 on that VQGAN on a (1, 2, 2) mesh. A
-single process with 2 devices (`resume`) then restores both 2-process checkpoints and
-trains on (topology change: 2 processes -> 1).
+collectives, coordinator on 127.0.0.1), started the way the README tells CPU users: only
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are set, and the trainer's
+own start-up reads them. Stage 1 with `train_and_evaluate` on a (data 1, fsdp 4, tensor 1)
+mesh, so every large parameter and its Adam moments are split across both processes, each
+process reading its own slice of the data and the checkpoint written collectively and
+asynchronously; then stage 2 on that VQGAN on a (1, 2, 2) mesh. A single process with 2
+devices (`resume`) then restores both 2-process checkpoints and trains on (topology
+change: 2 processes -> 1). `preempt` checks that a signal reaching one process stops both
+after the same step.
 """
 
 import glob
@@ -30,14 +33,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(mode, workdir, arg):
+def run_two_processes(mode, workdir, arg, coordinator_env=False):
   """Runs `mp_worker.py MODE i 2 PORT WORKDIR ARG OUT_i` for i = 0, 1; both must exit 0.
+  coordinator_env: also give each its JAX_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID.
   Returns (their JSON results, their [(exit code, log)])."""
   port = free_port()
   outs = [os.path.join(workdir, f"{mode}_{i}.json") for i in range(2)]
+  envs = [mp_worker.coordinator_env(port, 2, i) for i in range(2)] if coordinator_env else None
   results = mp_worker.run_workers(
       [[mode, i, 2, port, workdir, arg, outs[i]] for i in range(2)], num_devices=2,
-      timeout=TIMEOUT_S, log_dir=workdir)
+      timeout=TIMEOUT_S, log_dir=workdir, envs=envs)
   assert all(code == 0 for code, _ in results), mp_worker.failure_report(results)
   loaded = []
   for out in outs:
@@ -49,7 +54,7 @@ def run_two_processes(mode, workdir, arg):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("multiprocess"))
-  loaded, _ = run_two_processes("train", workdir, 2)
+  loaded, _ = run_two_processes("train", workdir, 2, coordinator_env=True)
   return workdir, loaded
 
 
@@ -57,6 +62,9 @@ def test_two_processes_train_stage1_on_a_global_mesh(two_process_run):
   workdir, results = two_process_run
   assert [r["process_index"] for r in results] == [0, 1]
   for r in results:
+    # Started from the JAX_* variables alone, by the trainer; checkpoints written async.
+    assert not r["distributed_before_training"] and r["distributed_after_training"]
+    assert r["async_checkpointing"]
     assert r["process_count"] == 2 and r["device_count"] == 4 and r["local_device_count"] == 2
     assert math.isfinite(r["stage1_metrics"]["val_l1"])
     assert r["checkpoint"]["step"] == 2 and r["checkpoint"]["finite"]
@@ -102,12 +110,26 @@ def test_one_process_resumes_the_two_process_checkpoint(two_process_run):
   assert math.isfinite(r["stage2_metrics"]["val_loss"])
 
 
-def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
-  # Only process 1 gets SIGTERM (during step 3). The flag is all-gathered every step, so
-  # process 0 stops after the same step and both write one checkpoint of it together.
-  # Preempted is SystemExit(0), caught by the worker: both exit cleanly.
+def test_a_signal_on_one_process_stops_all_at_the_same_step(tmp_path):
+  # Only process 1 gets each signal, during step 3; both must stop after the same step and
+  # write one (asynchronous) checkpoint of it together. Preempted is SystemExit(0), caught
+  # by the worker: both exit cleanly.
   loaded, results = run_two_processes("preempt", str(tmp_path), 3)
-  assert [r["preempted_at"] for r in loaded] == [3, 3]
-  assert [r["checkpoint_steps"] for r in loaded] == [[3], [3]]
-  assert loaded[0]["checkpoint"] == loaded[1]["checkpoint"] and loaded[0]["checkpoint"]["finite"]
-  assert "Stopped by signal at step 3" in results[0][1]  # process 0 got no signal itself
+  assert all(r["preemption_service"] for r in loaded)
+  # SIGINT: a local flag, all-gathered only at log steps (every 4): both stop at step 4.
+  sigint = [r["sigint"] for r in loaded]
+  assert [r["preempted_at"] for r in sigint] == [4, 4]
+  assert [r["checkpoint_steps"] for r in sigint] == [[4], [4]]
+  assert sigint[0]["checkpoint"] == sigint[1]["checkpoint"] and sigint[0]["checkpoint"]["finite"]
+  # SIGTERM: JAX's preemption service picks the step (the one after the furthest process's
+  # step when the notice reached them), the same on both, with no per-step all-gather.
+  sigterm = [r["sigterm"] for r in loaded]
+  stopped = sigterm[0]["preempted_at"]
+  assert stopped is not None and 3 <= stopped < 50
+  assert [r["preempted_at"] for r in sigterm] == [stopped, stopped]
+  assert [r["checkpoint_steps"] for r in sigterm] == [[stopped], [stopped]]
+  assert sigterm[0]["checkpoint"] == sigterm[1]["checkpoint"]
+  assert sigterm[0]["checkpoint"]["step"] == stopped and sigterm[0]["checkpoint"]["finite"]
+  log0 = results[0][1]  # process 0 got no signal itself
+  assert "Stopped by signal at step 4" in log0
+  assert f"Stopped by signal at step {stopped}" in log0

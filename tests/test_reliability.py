@@ -239,3 +239,48 @@ def test_full_disk_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch)
     stage1_trainer.train_and_evaluate(config, str(tmp_path))
   assert checkpointing.latest_step(str(tmp_path)) == 1
   assert checkpointing.load_stage1(str(tmp_path)).step == 1
+
+
+# ------------------------------------------------ stop decisions (train_utils.StopSignals)
+
+def test_one_process_stops_after_the_step_that_saw_the_signal():
+  before = signal.getsignal(signal.SIGTERM)
+  with train_utils.StopSignals(0) as stop:
+    assert not stop.should_stop(1, agree=False)
+    signal.raise_signal(signal.SIGTERM)  # our handler: a flag, no exit
+    assert stop.should_stop(2, agree=False)  # no agreement needed, no wait
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_several_processes_agree_without_a_per_step_allgather(monkeypatch):
+  """2 processes faked: JAX's preemption service owns SIGTERM (its sync point, faked at
+  step 7, is checked every step); SIGINT is a local flag, all-gathered (the host round
+  trip) only at the steps the loop marks `agree`."""
+  gathers, checked = [], []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(train_utils, "preemption_service_running", lambda: True)
+  monkeypatch.setattr(train_utils, "any_process_requested",
+                      lambda flag: gathers.append(flag) or flag)
+  sync_point = {"step": 7}
+  monkeypatch.setattr(train_utils.StopSignals, "_reached_sync_point",
+                      staticmethod(lambda step: checked.append(step) or
+                                   step == sync_point["step"]))
+  sigterm_before = signal.getsignal(signal.SIGTERM)
+  with train_utils.StopSignals(0) as stop:
+    assert stop.uses_preemption_service
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before  # left to the service
+    stops = [stop.should_stop(step, agree=step % 4 == 0) for step in range(1, 11)]
+  assert stops == [step == 7 for step in range(1, 11)]
+  assert checked == list(range(0, 11))  # the start step, then every step
+  assert gathers == [False, False]  # steps 4 and 8 only
+
+  sync_point["step"] = None  # no preemption notice; SIGINT reaches this process at step 5
+  gathers.clear()
+  with train_utils.StopSignals(0) as stop:
+    stops = []
+    for step in range(1, 11):
+      if step == 5:
+        signal.raise_signal(signal.SIGINT)
+      stops.append(stop.should_stop(step, agree=step % 4 == 0))
+  assert stops.index(True) == 8 - 1  # acted on at the next agreement step, 8
+  assert gathers == [False, True]

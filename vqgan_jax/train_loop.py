@@ -9,9 +9,16 @@ non-finite checks and preemption.
      step's scalars (so a resumed run logs what an uninterrupted one logs), then the
      window's scalars from `window_scalars`,
   3. every `eval_every_steps` (and at the last step): `run_eval`,
-  4. every `checkpoint_every_steps`, at the last step, or when any process got SIGTERM:
-     check the unfetched steps, then `save_checkpoint` (forced on a signal),
+  4. every `checkpoint_every_steps`, at the last step, or when the processes agreed to stop
+     on a signal: check the unfetched steps, then `save_checkpoint` (forced on a signal),
   5. on a signal: stop; the caller's `Preempted` (SystemExit 0) follows.
+
+Stopping (train_utils.StopSignals) never costs a host round trip per step. One process
+stops after the step during which SIGTERM/SIGINT arrived. Several processes must all stop
+after the same step, with one checkpoint of it: SIGTERM goes through JAX's distributed
+preemption service (a local check every step, True on all processes at the same step);
+SIGINT (and SIGTERM without that service) is all-gathered only at log and checkpoint steps,
+where the loop waits for the device anyway.
 
 Pending asynchronous checkpoint writes are waited for on every exit path.
 """
@@ -111,7 +118,7 @@ def run(config, *, workdir: str, manager, writer, state, start_step: int,
   step = start_step
   t0 = time.time()
   try:
-    with train_utils.PreemptionWatcher() as preemption:
+    with train_utils.StopSignals(start_step) as stop_signals:
       while step < config.num_train_steps:
         state, metrics = train_step(state, next(train_iter), step)
         step += 1
@@ -133,7 +140,10 @@ def run(config, *, workdir: str, manager, writer, state, start_step: int,
                        means, scalars["steps_per_sec"], train_utils.format_eta(eta))
         if step % config.eval_every_steps == 0 or last:
           last_eval = run_eval(step, state)
-        stop = train_utils.any_process_requested(preemption.requested)
+        # Processes agree on local signals only where the loop waits for the device anyway.
+        agree = (last or step % config.log_every_steps == 0
+                 or step % config.checkpoint_every_steps == 0)
+        stop = stop_signals.should_stop(step, agree=agree)
         if step % config.checkpoint_every_steps == 0 or last or stop:
           handle_nonfinite(config, *window.peek())  # never checkpoint an unchecked step
           save_checkpoint(step, state, stop)

@@ -75,15 +75,16 @@ def mean_scalars(fetched, skip_keys=("code_counts", "finite")) -> Dict[str, floa
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM/SIGINT into a flag the training loop polls once per step."""
+  """Turns SIGTERM/SIGINT (or the given signals) into a flag the training loop polls."""
 
-  def __init__(self):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
     self._event = threading.Event()
     self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -98,16 +99,93 @@ class PreemptionWatcher:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
     return False
 
 
 def any_process_requested(flag: bool) -> bool:
-  """True when any process saw a stop signal, so all stop at the same step."""
+  """True when any process saw a stop signal. A collective that waits for the device
+  queue: call it on all processes at the same step, and only where the loop waits anyway."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
   return bool(np.any(flags))
+
+
+def preemption_service_running() -> bool:
+  """Whether JAX's distributed preemption service runs in this process (jax.distributed
+  started with jax_enable_preemption_service, the default). It owns SIGTERM then."""
+  if not jax.distributed.is_initialized():
+    return False
+  try:
+    return bool(jax.config.jax_enable_preemption_service)
+  except AttributeError:
+    return False
+
+
+class StopSignals:
+  """Decides after each step whether training stops on a signal, identically on every
+  process, without a host round trip per step.
+
+  One process: SIGTERM/SIGINT set a local flag; training stops after the step during which
+  it was seen.
+
+  Several processes (`agree` marks steps where the loop waits for the device anyway, i.e.
+  log and checkpoint steps):
+    SIGTERM, the preemption notice, is left to JAX's distributed preemption service when
+      it runs (see preemption_service_running): the notice reaches every process in the
+      background, each reports its step, and `reached_preemption_sync_point(step)` (a
+      local check) becomes True on all of them at the same step, max(reported) + 1.
+    SIGINT, and SIGTERM when that service is off, set a local flag that is all-gathered
+      only at `agree` steps; a signal is acted on at the next such step.
+  """
+
+  def __init__(self, start_step: int):
+    self._start_step = start_step
+    self._watcher = None
+    self._multi = False
+    self._service = False
+    self._pending = False
+
+  def __enter__(self):
+    self._multi = jax.process_count() > 1
+    self._service = self._multi and preemption_service_running()
+    if self._service:
+      # Registers the starting step; also tells whether the service really runs.
+      try:
+        self._pending = self._reached_sync_point(self._start_step)
+      except RuntimeError as e:
+        logging.warning("JAX preemption service unavailable (%s); SIGTERM is agreed at "
+                        "log/checkpoint steps instead", e)
+        self._service = False
+    signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
+    self._watcher = PreemptionWatcher(signals).__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._watcher.__exit__(*exc)
+
+  @staticmethod
+  def _reached_sync_point(step: int) -> bool:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+
+  @property
+  def uses_preemption_service(self) -> bool:
+    return self._service
+
+  def should_stop(self, step: int, agree: bool) -> bool:
+    """Call once after every step, on every process, with the same arguments."""
+    if not self._multi:
+      return self._watcher.requested
+    stop = self._pending
+    if self._service and self._reached_sync_point(step):
+      logging.warning("Preemption notice: every process stops after step %d", step)
+      stop = True
+    if agree and any_process_requested(self._watcher.requested):
+      stop = True
+    return stop
 
 
 # Colours of segment ids in the condition maps (cycled when there are more segments).
