@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
@@ -92,20 +93,20 @@ def test_stage2_grad_accumulation_equals_one_big_batch(scan_layers):
     config = _tiny_stage2_config(accum)
     config.model.scan_layers = scan_layers
     setup = stage2_trainer.Stage2Setup(config, first, None, 0)
+    setup.tx = optax.sgd(1.0)  # the update is the gradient itself (Adam's first step
+                               # would be ~lr * sign(g), amplifying rounding of tiny g)
     state = setup.init_state(setup.rng)
     new_state, metrics = jax.jit(setup.train_step)(state, batch, {"first": first.params})
     results.append((new_state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
   (p1, loss1, norm1), (p4, loss4, norm4) = results
   assert loss4 == pytest.approx(loss1, rel=1e-5)
   assert norm4 == pytest.approx(norm1, rel=1e-4)
-  # Adam's first step moves each weight by about lr * sign(g) (lr = 1e-3): parameters
-  # with near-zero gradients amplify float rounding, so compare at 1% of the step.
-  assert _max_diff(p1, p4) < 1e-5
+  assert _max_diff(p1, p4) < 1e-6
   # The update is not trivially zero.
   init_config = _tiny_stage2_config(1)
   init_config.model.scan_layers = scan_layers
   init = stage2_trainer.Stage2Setup(init_config, first, None, 0)
-  assert _max_diff(init.init_state(init.rng).params, p1) > 1e-4
+  assert _max_diff(init.init_state(init.rng).params, p1) > 1e-3
 
 
 def test_stage1_grad_accumulation_equals_one_big_batch():
@@ -117,12 +118,13 @@ def test_stage1_grad_accumulation_equals_one_big_batch():
     config.batch_size = 8
     config.grad_accum_steps = accum
     setup = stage1_trainer.Stage1Setup(config)
+    setup.g_tx = optax.sgd(1.0)  # the update is the gradient itself
     state = setup.init_state(setup.rng)
     new_state, metrics = jax.jit(lambda s, b, setup=setup: setup.train_step(
         s, b, None, use_gan=False))(state, batch)
     results.append((new_state.g_params, metrics))
   (p1, m1), (p2, m2) = results
-  assert _max_diff(p1, p2) < 1e-5
+  assert _max_diff(p1, p2) < 1e-6
   assert float(m2["rec_loss"]) == pytest.approx(float(m1["rec_loss"]), rel=1e-5)
   np.testing.assert_array_equal(m1["code_counts"], m2["code_counts"])
   assert int(np.sum(m2["code_counts"])) == 8 * 8 * 8  # every code position of the batch
@@ -132,6 +134,7 @@ def test_stage1_grad_accumulation_with_gan_trains_both_networks():
   config = helpers.tiny_stage1_config()
   config.batch_size, config.grad_accum_steps = 8, 2
   config.loss.disc_start = 0
+  config.loss.disc_num_layers = 1  # 16x16 inputs: the default 3 layers leave no logits
   setup = stage1_trainer.Stage1Setup(config)
   state = setup.init_state(setup.rng)
   batch = {"image": jax.random.uniform(jax.random.key(3), (8, 16, 16, 3), minval=-1.0,
