@@ -19,6 +19,7 @@ def get_config():
   m.n_layer = 28
   m.n_head = 16
   m.n_embd = 1024
+  m.scan_layers = True                  # one scanned block: compile time independent of depth
   config.cond.kind = "none"
   config.data.name = "folder"
   config.data.folder.class_from_subfolder = False

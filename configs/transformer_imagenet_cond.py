@@ -19,7 +19,8 @@ def get_config():
   m.n_layer = 48
   m.n_head = 16
   m.n_embd = 1536
-  m.remat = True                        # activations of 48 blocks do not fit otherwise
+  m.remat = "full"                      # activations of 48 blocks do not fit otherwise
+  m.scan_layers = True                  # one scanned block: compile time independent of depth
   config.cond.kind = "class"
   config.cond.num_classes = 1000
   config.cond.cfg_dropout = 0.0         # the paper has no guidance; > 0 adds a null class

@@ -22,6 +22,7 @@ def get_config():
   m.n_layer = 24
   m.n_head = 16
   m.n_embd = 1024
+  m.scan_layers = True                  # one scanned block: compile time independent of depth
   m.block_size = 512
   config.cond.kind = "spatial"
   config.cond.cond_stage_workdir = ""   # required: the f16/1024 segmentation VQGAN

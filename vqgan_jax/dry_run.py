@@ -1,4 +1,15 @@
-"""Memory dry run: parameter and optimiser bytes per device of a config on given meshes.
+"""Dry run of a config on a slice: what the compiler makes of it, and the formula.
+
+Compile mode (`--topology`): the trainers' real jitted steps are compiled for a TPU slice
+that is described, not attached (`vqgan_jax.tpu_compile`; needs libtpu: `make
+tpu-tools`, then `.venv-tpu/bin/python`), and the compiler's memory, FLOPs and
+collectives are reported per step (stage 1: train with the GAN and LPIPS, eval; stage 2:
+train, eval, one KV-cache decoding step):
+
+  .venv-tpu/bin/python -m vqgan_jax.dry_run --config configs/transformer_imagenet_cond.py \
+      --topology v5e:16x16 --mesh 1,256,1 --batch_size 256 --json runs/dry/imagenet.json
+
+Formula mode (no `--topology`): parameter and optimiser bytes per device on given meshes.
 
 Nothing is allocated and no device is needed: the train state is built with
 `jax.eval_shape`, placed with the same rules the trainers use (`sharding.VQGAN_RULES`
@@ -29,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from vqgan_jax import sharding
+from vqgan_jax import checkpointing, config_lib, flops, sharding, stage1_trainer, stage2_trainer
+from vqgan_jax import tpu_compile
+from vqgan_jax.models import vqgan
 
 GIB = 1024 ** 3
 
@@ -69,19 +82,12 @@ class AbstractModel:
   notes: List[str]
 
 
-def _lpips_abstract():
-  from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
-  x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-  return jax.eval_shape(lambda a, b: lpips.LPIPS().init(jax.random.PRNGKey(0), a, b), x, x)[
-      "params"]
-
-
 def stage1_abstract(config) -> AbstractModel:
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
   setup = stage1_trainer.Stage1Setup(config)
   state = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
   t = state.trainer
-  frozen = _lpips_abstract() if config.loss.perceptual_weight > 0 else {}
+  frozen = (stage1_trainer.abstract_lpips_params() if config.loss.perceptual_weight > 0
+            else {})
   notes = []
   if frozen:
     notes.append("frozen = LPIPS VGG16 (replicated)")
@@ -97,8 +103,6 @@ def stage1_abstract(config) -> AbstractModel:
 
 
 def stage2_abstract(config, stage1_config=None) -> AbstractModel:
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   if config.first_stage.n_embed <= 0 or min(config.first_stage.latent_grid) <= 0:
     raise ValueError(
         "a stage-2 dry run needs the VQGAN's codebook size and token grid from the config: "
@@ -118,7 +122,6 @@ def stage2_abstract(config, stage1_config=None) -> AbstractModel:
   frozen = {}
   if stage1_config is not None:
     model = vqgan.vqmodel_from_config(stage1_config.model)
-    from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
     frozen = checkpointing.abstract_vqgan_params(model, stage1_config.model.resolution)
     notes.append("frozen = the stage-1 VQGAN (replicated)")
   else:
@@ -223,24 +226,283 @@ def format_table(model: AbstractModel, rows, device_memory_gib=None) -> str:
   return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- compile mode
+
+def _frozen_stage(stage1_config, n_embed: int, image_size: int, segmentation: int = 0):
+  if n_embed <= 0:
+    raise config_lib.ConfigError(
+        "a stage-2 dry run needs the VQGAN's codebook size: pass e.g. "
+        "--config.first_stage.n_embed=16384 (and --config.cond.n_embed for spatial)")
+  """An abstract FrozenStage1 (parameter shapes only) for a stage-2 dry run.
+
+  The VQGAN architecture comes from `stage1_config` (default: configs/vqgan_default.py,
+  the reference f16 model) with the codebook size and resolution the stage-2 config states;
+  `segmentation` > 0 makes it a conditioning VQGAN over that many one-hot classes.
+  """
+  if stage1_config is None:
+    from configs import vqgan_default  # pylint: disable=g-import-not-at-top  (configs/ is a top-level package, only present in a checkout)
+    stage1_config = vqgan_default.get_config()
+  stage1_config = stage1_config.copy_and_resolve_references()
+  m = stage1_config.model
+  m.n_embed, m.resolution = int(n_embed), int(image_size)
+  if segmentation:
+    m.in_channels = m.out_ch = int(segmentation)
+    stage1_config.data.input = "segmentation"
+  model = vqgan.vqmodel_from_config(m)
+  f = 2 ** (len(m.ch_mult) - 1)
+  meta = {"n_embed": int(n_embed), "lookup_dim": int(m.codebook_dim or m.embed_dim),
+          "downsample_factor": f, "latent_grid": [image_size // f, image_size // f]}
+  return checkpointing.FrozenStage1(
+      model=model, params=checkpointing.abstract_vqgan_params(model, image_size),
+      config=stage1_config, metadata=meta, step=0)
+
+
+def _image_batch(config, batch_size: int, data_input: str = "image", eval_mask=False):
+  size = int(config.data.image_size)
+  entries = {}
+  if data_input == "segmentation":
+    entries["segmentation"] = ((batch_size, size, size), jnp.int32)
+  else:
+    entries["image"] = ((batch_size, size, size, int(config.model.in_channels)
+                         if "in_channels" in config.model else 3), jnp.float32)
+  if eval_mask:
+    entries["mask"] = ((batch_size,), jnp.bool_)
+  return entries
+
+
+def compile_stage1(config, mesh, chip, steps, hlo_dir=None) -> Dict[str, Any]:
+  runner = stage1_trainer.Stage1Runner(config, mesh, abstract=True)
+  n = mesh.devices.size
+  reports = {}
+  if "train" in steps:
+    batch = tpu_compile.batch_struct(mesh, _image_batch(config, config.batch_size,
+                                                        config.data.input))
+    compiled = tpu_compile.compile_step(runner.jitted_train[True],
+                                        (runner.abstract_state, batch, runner.lpips_params))
+    reports["train"] = tpu_compile.analyse(
+        compiled, chip, n, flops.stage1_step_flops_from_config(config, use_gan=True),
+        _hlo_path(hlo_dir, "train"))
+    reports["train"]["largest_weight_bytes"] = tpu_compile.abstract_param_bytes(
+        runner.abstract_state.g_params)
+  if "eval" in steps:
+    batch = tpu_compile.batch_struct(mesh, _image_batch(config, config.eval_batch_size,
+                                                        config.data.input, eval_mask=True))
+    compiled = tpu_compile.compile_step(runner.jitted_eval, (runner.abstract_state.g_params,
+                                                            batch, runner.lpips_params))
+    reports["eval"] = tpu_compile.analyse(compiled, chip, n, None, _hlo_path(hlo_dir, "eval"))
+  return reports
+
+
+def _stage2_compiled(config, mesh, steps, stage1_config=None):
+  """{step: (compiled executable, analytic model FLOPs)} and the runner, for stage 2."""
+  size = int(config.data.image_size)
+  first = _frozen_stage(stage1_config, config.first_stage.n_embed, size)
+  cond = None
+  if config.cond.kind == "spatial":
+    cond = _frozen_stage(None, config.cond.n_embed, size, config.data.photos.num_segments)
+  runner = stage2_trainer.Stage2Runner(config, first, cond, mesh,
+                                       stage2_trainer.resolve_num_classes(config),
+                                       abstract=True)
+  setup, gpt = runner.setup, runner.setup.gpt
+  gpt_kwargs = dict(vocab_size=gpt.vocab_size, n_layer=gpt.n_layer, n_embd=gpt.n_embd,
+                    n_head=gpt.n_head, attention=gpt.attention)
+
+  def entries(batch_size, eval_mask=False):
+    out = {}
+    for key in setup.batch_keys(False):
+      if key == "image":
+        out[key] = ((batch_size, size, size, 3), jnp.float32)
+      elif key == "label":
+        out[key] = ((batch_size,), jnp.int32)
+      elif key == "segmentation":
+        out[key] = ((batch_size, size, size), jnp.int32)
+    if eval_mask:
+      out["mask"] = ((batch_size,), jnp.bool_)
+    return tpu_compile.batch_struct(mesh, out)
+
+  compiled = {}
+  if "train" in steps:
+    compiled["train"] = (
+        tpu_compile.compile_step(runner.jitted_train, (
+            runner.abstract_state, entries(config.batch_size), runner.frozen)),
+        flops.gpt_train_step_flops(config.batch_size, setup.seq_len, **gpt_kwargs))
+  if "eval" in steps:
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    compiled["eval"] = (
+        tpu_compile.compile_step(runner.jitted_eval, (
+            runner.abstract_state.params, entries(config.eval_batch_size, True),
+            runner.frozen, key)),
+        flops.gpt_forward_flops(config.eval_batch_size, setup.seq_len, **gpt_kwargs))
+  if "decode" in steps:
+    batch = int(config.sampling.batch_size)
+    sharding.check_batch_size(batch, mesh, "config.sampling.batch_size")
+    cache = jax.eval_shape(lambda: gpt.init_cache(batch))
+    cache = tpu_compile.cache_struct(cache, mesh, gpt.scan_layers)
+    batch_spec = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+    step = jax.jit(sharding.under_mesh(tpu_compile.decode_step_fn(gpt), mesh),
+                   in_shardings=(runner.state_shardings.params, batch_spec, repl,
+                                 jax.tree_util.tree_map(lambda a: a.sharding, cache)),
+                   donate_argnums=(3,))
+    compiled["decode"] = (
+        tpu_compile.compile_step(step, (
+            runner.abstract_state.params, tpu_compile.sds((batch, 1), jnp.int32, batch_spec),
+            tpu_compile.sds((), jnp.int32, repl), cache)),
+        flops.gpt_decode_step_flops(batch, gpt.block_size, **gpt_kwargs))
+  return compiled, runner
+
+
+def _unrolled_costs(config, mesh, steps, stage1_config):
+  """{step: (FLOPs, bytes accessed) per chip} of the config's steps with the GPT's layer
+  loop unrolled, extrapolated from 1- and 2-layer compiles. XLA's cost analysis counts a
+  loop body once, so a scanned model's own counts miss n_layer - 1 layers; the cost of
+  an unrolled GPT is exactly linear in the number of layers."""
+  points = []
+  for layers in (1, 2):
+    small = config.copy_and_resolve_references()
+    small.model.n_layer, small.model.scan_layers = layers, False
+    compiled, _ = _stage2_compiled(small, mesh, steps, stage1_config)
+    points.append({k: tpu_compile.cost_counts(c) for k, (c, _) in compiled.items()})
+  n = int(config.model.n_layer)
+  return {k: tuple(one + (n - 1) * (two - one) for one, two in zip(points[0][k], points[1][k]))
+          for k in points[0]}
+
+
+def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None):
+  compiled, runner = _stage2_compiled(config, mesh, steps, stage1_config)
+  costs = {}
+  if config.model.get("scan_layers", False) and config.model.n_layer > 2:
+    costs = _unrolled_costs(config, mesh, steps, stage1_config)
+  n = mesh.devices.size
+  reports = {}
+  for name, (executable, model_flops) in compiled.items():
+    reports[name] = tpu_compile.analyse(executable, chip, n, model_flops,
+                                        _hlo_path(hlo_dir, name), costs.get(name))
+  if "train" in reports:
+    reports["train"]["largest_weight_bytes"] = tpu_compile.abstract_param_bytes(
+        runner.abstract_state.params)
+  if "decode" in reports:
+    reports["decode"]["batch_size"] = int(config.sampling.batch_size)
+  return reports
+
+
+def _hlo_path(folder, step):
+  if not folder:
+    return None
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, f"{step}.hlo.txt")
+
+
+def compile_report(config, topology: str, mesh_shape: Sequence[int],
+                   steps: Sequence[str] = ("train", "eval", "decode"), stage1_config=None,
+                   hlo_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Compiles the config's steps for `topology` on a (data, fsdp, tensor) mesh; returns
+  the JSON-ready report (per step: memory, FLOPs, estimated time and MFU, collectives),
+  with the formula figures of the same mesh beside it."""
+  chip = tpu_compile.chip_for(topology)
+  mesh = tpu_compile.topology_mesh(topology, mesh_shape)
+  config_lib.validate_batch_sizes(config, mesh)
+  stage = config.get("stage", "vqgan")
+  if stage == "transformer":
+    if config.cond.kind == "class" and config.cond.num_classes <= 0:
+      config.cond.num_classes = stage2_trainer.resolve_num_classes(config)  # the dataset's
+    if min(config.first_stage.latent_grid) <= 0:  # the grid the frozen VQGAN gives
+      grid = _frozen_stage(stage1_config, config.first_stage.n_embed,
+                           int(config.data.image_size)).metadata["latent_grid"]
+      config.first_stage.latent_grid = tuple(grid)
+    reports = compile_stage2(config, mesh, chip, steps, stage1_config, hlo_dir)
+  else:
+    reports = compile_stage1(config, mesh, chip, steps, hlo_dir)
+  model, rows = report(config, [tuple(mesh_shape)], chip.hbm_bytes / GIB, stage1_config)
+  formula = {k: v for k, v in rows[0].items() if k != "warnings"}
+  return {
+      "stage": model.stage, "topology": topology, "chip": chip.name,
+      "num_chips": int(mesh.devices.size), "num_hosts": tpu_compile.num_hosts(mesh),
+      "mesh": dict(zip(sharding.MESH_AXES, (int(s) for s in mesh_shape))),
+      "global_batch": int(config.batch_size),
+      "grad_accum_steps": int(config.get("grad_accum_steps", 1)),
+      "device_memory_bytes": chip.hbm_bytes, "peak_bf16_flops": chip.peak_bf16_flops,
+      "fits": all(r["fits"] for r in reports.values()),
+      "steps": reports, "formula": formula,
+  }
+
+
+def format_compile_report(result: Dict[str, Any]) -> str:
+  lines = [f"{result['stage']} on {result['topology']} ({result['num_chips']} x "
+           f"{result['chip']}, {result['num_hosts']} hosts), mesh "
+           + ",".join(f"{k}={v}" for k, v in result["mesh"].items())
+           + f", global batch {result['global_batch']}"
+           + (f" ({result['grad_accum_steps']} micro-batches)"
+              if result["grad_accum_steps"] > 1 else "")]
+  header = ["step", "fits", "per chip", "temp", "FLOPs/step", "est. step", "bound",
+            "est. MFU", "largest all-gather", "collectives (all-gather/all-reduce/"
+            "reduce-scatter)"]
+  table = [header]
+  hbm = result["device_memory_bytes"] / GIB
+  for name, r in result["steps"].items():
+    ops = r["ops"]
+    mfu = r.get("estimated_mfu")
+    table.append([
+        name, "yes" if r["fits"] else "NO",
+        f"{r['per_device_bytes']['total'] / GIB:.2f}/{hbm:g} GiB",
+        f"{r['per_device_bytes']['temp'] / GIB:.2f} GiB", f"{r['flops_per_step']:.3g}",
+        f"{r['estimated_step_seconds'] * 1e3:.1f} ms", r["estimate_bound"],
+        "-" if mfu is None else f"{100 * mfu:.0f}%",
+        f"{r['largest_all_gather_bytes'] / 2 ** 20:.1f} MiB",
+        f"{ops['all-gather']['count']}/{ops['all-reduce']['count']}/"
+        f"{ops['reduce-scatter']['count']}"])
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+  f = result["formula"]
+  lines.append(f"formula (parameters, gradients, optimizer, frozen; no activations): "
+               f"{f['static'] / GIB:.2f} GiB per chip")
+  lines.append("step time: roofline max(FLOPs/peak, bytes/HBM bandwidth) of the compiled "
+               "program per chip; collectives not included, so a lower bound")
+  return "\n".join(lines)
+
+
+def _load_config_file(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("stage1_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def main(argv):
+  del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  config = FLAGS.config
+  if FLAGS.batch_size:
+    config.batch_size = FLAGS.batch_size
+  stage1_config = _load_config_file(FLAGS.stage1_config) if FLAGS.stage1_config else None
+  if FLAGS.topology:
+    mesh_text = FLAGS.mesh[0] if FLAGS.mesh else "1,-1,1"
+    num_chips = int(np.prod([int(p) for p in FLAGS.topology.split(":")[1].split("x")]))
+    shape = parse_mesh(mesh_text, num_chips)
+    try:
+      result = compile_report(config, FLAGS.topology, shape, FLAGS.steps, stage1_config,
+                              FLAGS.keep_hlo or None)
+    except (tpu_compile.TpuCompileError, config_lib.ConfigError, ValueError) as e:
+      raise SystemExit(f"error: {e}") from None
+    print(format_compile_report(result))
+    if FLAGS.json:
+      import json  # pylint: disable=g-import-not-at-top
+      import os  # pylint: disable=g-import-not-at-top
+      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+      with open(FLAGS.json, "w") as f:
+        json.dump(result, f, indent=1)
+      print(f"wrote {FLAGS.json}")
+    return
   meshes = [parse_mesh(m, FLAGS.num_devices)
-             for value in FLAGS.mesh for m in value.replace(";", " ").split()]
+            for value in FLAGS.mesh for m in value.replace(";", " ").split()]
   if not meshes:
     num = FLAGS.num_devices or jax.device_count()
-    meshes = [sharding.mesh_shape(FLAGS.config.mesh, num)]
-  stage1_config = None
-  if FLAGS.stage1_config:
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    spec = importlib.util.spec_from_file_location("stage1_config", FLAGS.stage1_config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stage1_config = module.get_config()
-  model, rows = report(FLAGS.config, meshes, FLAGS.device_memory_gib, stage1_config)
+    meshes = [sharding.mesh_shape(config.mesh, num)]
+  model, rows = report(config, meshes, FLAGS.device_memory_gib, stage1_config)
   print(format_table(model, rows, FLAGS.device_memory_gib))
-  del argv
 
 
 def _define_flags():
@@ -254,6 +516,13 @@ def _define_flags():
   flags.DEFINE_float("device_memory_gib", 0.0, "memory per device (GiB) for the fits column")
   flags.DEFINE_string("stage1_config", "", "stage-2 only: the frozen VQGAN's config, to "
                       "count its replicated parameters")
+  flags.DEFINE_string("topology", "", "compile mode: a TPU slice, e.g. v5e:16x16, v4:2x2x4, "
+                      "v5p:4x4x4 (needs libtpu: make tpu-tools, then .venv-tpu/bin/python)")
+  flags.DEFINE_list("steps", ["train", "eval", "decode"], "compile mode: steps to compile "
+                    "(decode: stage 2 only)")
+  flags.DEFINE_integer("batch_size", 0, "global batch size (0: the config's)")
+  flags.DEFINE_string("json", "", "compile mode: write the report here")
+  flags.DEFINE_string("keep_hlo", "", "compile mode: write each step's partitioned HLO here")
   flags.mark_flags_as_required(["config"])
 
 

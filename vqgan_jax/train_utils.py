@@ -8,6 +8,7 @@ import time
 from typing import Dict, List, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -186,6 +187,59 @@ class StopSignals:
     if agree and any_process_requested(self._watcher.requested):
       stop = True
     return stop
+
+
+def split_microbatches(batch, steps: int):
+  """A batch pytree (leading dim B) -> (steps, B / steps, ...) micro-batches.
+
+  Micro-batch j takes rows j, j + steps, j + 2 * steps, ...: with the batch split over
+  devices in contiguous blocks, every device then holds an equal share of every
+  micro-batch, so splitting moves no data between devices.
+  """
+  def split(x):
+    b = x.shape[0]
+    if b % steps:
+      raise ValueError(f"batch of {b} does not split into {steps} micro-batches")
+    return jnp.swapaxes(x.reshape(b // steps, steps, *x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def accumulate(micro_step, batch, steps: int, carry=None):
+  """Runs micro_step(micro_batch, index, carry) -> (grads, metrics, carry, extra) over
+  `steps` micro-batches of `batch` with one lax.scan.
+
+  Returns (mean grads, metrics, carry, extra): metrics are averaged over the micro-batches
+  except integer ones (counts), which are summed; `extra` is stacked with a leading
+  `steps` axis. With steps == 1 it is micro_step on the whole batch (extra still gets
+  the leading axis of size 1), so the two paths compute the same function for equal
+  micro-batch losses: the mean of k equal-sized means is the mean over the batch.
+  """
+  if steps <= 1:
+    grads, metrics, carry, extra = micro_step(batch, jnp.zeros((), jnp.int32), carry)
+    return grads, metrics, carry, jax.tree_util.tree_map(lambda a: a[None], extra)
+  micro = split_microbatches(batch, steps)
+
+  def body(acc, inputs):
+    grads_sum, metrics_sum, carry = acc
+    index, mb = inputs
+    grads, metrics, carry, extra = micro_step(mb, index, carry)
+    add = lambda a, b: a + b  # pylint: disable=unnecessary-lambda-assignment
+    if grads_sum is not None:
+      grads = jax.tree_util.tree_map(add, grads_sum, grads)
+      metrics = jax.tree_util.tree_map(add, metrics_sum, metrics)
+    return (grads, metrics, carry), extra
+
+  first_index = jnp.zeros((), jnp.int32)
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  grads, metrics, carry, extra0 = micro_step(first, first_index, carry)
+  rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
+  (grads, metrics, carry), extra = jax.lax.scan(
+      body, (grads, metrics, carry), (jnp.arange(1, steps, dtype=jnp.int32), rest))
+  extra = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), extra0, extra)
+  grads = jax.tree_util.tree_map(lambda g: g / steps, grads)
+  metrics = {k: v if jnp.issubdtype(v.dtype, jnp.integer) else v / steps
+             for k, v in metrics.items()}
+  return grads, metrics, carry, extra
 
 
 # Colours of segment ids in the condition maps (cycled when there are more segments).
