@@ -155,7 +155,7 @@ def _mesh(data, fsdp, tensor=1):
 def test_batch_sizes_are_checked_against_the_mesh():
   config = helpers.tiny_stage1_config()
   config.batch_size, config.eval_batch_size = 64, 16
-  config_lib.validate_batch_sizes(config, _mesh(2, 16))
+  config_lib.validate_batch_sizes(config, _mesh(2, 8))
   config.eval_batch_size = 16
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.eval_batch_size=16 .* multiple of 32; nearest valid: 32"):

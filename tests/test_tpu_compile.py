@@ -93,12 +93,18 @@ def test_hlo_collectives_are_parsed():
   hlo = "\n".join([
       "  %all-gather.1 = bf16[48,1536,1536]{2,1,0} all-gather(bf16[48,6,1536] %p), dims={1}",
       "  %ag-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8] %x)",
+      "  %ag-done = f32[16,8]{1,0} all-gather-done((f32[4,8], f32[16,8]) %ag-start)",
+      "  %cp-start = (f32[1,256]{1,0}, f32[1,256]{1,0}, u32[], u32[]) "
+      "collective-permute-start(f32[1,256] %w)",
+      "  %cp-done = f32[1,256]{1,0} collective-permute-done((f32[1,256], f32[1,256], u32[], "
+      "u32[]) %cp-start)",
       "  ROOT %all-reduce = f32[] all-reduce(f32[] %y), to_apply=%add",
       "  %fusion = f32[2] fusion(f32[2] %z), kind=kLoop",
   ])
   found = tpu_compile.collectives(hlo)
   assert found["ops"]["all-gather"] == {"count": 2, "bytes": 48 * 1536 * 1536 * 2 + 16 * 8 * 4}
   assert found["ops"]["all-reduce"] == {"count": 1, "bytes": 4}
+  assert found["ops"]["collective-permute"] == {"count": 1, "bytes": 256 * 4}
   assert found["largest_all_gather_bytes"] == 48 * 1536 * 1536 * 2
   assert found["largest_all_gather_shape"] == "bf16[48,1536,1536]"
   with pytest.raises(tpu_compile.TpuCompileError, match="unknown chip"):

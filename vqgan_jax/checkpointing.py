@@ -144,16 +144,21 @@ ABSENT_DEFAULTS = {"scan_layers": False}
 def check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str,
                      force: bool = False) -> None:
   """Refuses to resume a workdir whose model config differs from the current one."""
-  differences = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+  differences = {k: (saved.get(k, ABSENT_DEFAULTS.get(k)), current.get(k, ABSENT_DEFAULTS.get(k)))
+                 for k in sorted(set(saved) | set(current))
                  if k not in EXECUTION_ONLY_KEYS
                  and _normalise(saved.get(k, ABSENT_DEFAULTS.get(k)))
                  != _normalise(current.get(k, ABSENT_DEFAULTS.get(k)))}
   if differences and not force:
     listed = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}"
                        for k, (a, b) in differences.items())
+    hint = ""
+    if "scan_layers" in differences:
+      hint = (f" The checkpoint's GPT blocks are {'stacked' if differences['scan_layers'][0] else 'unrolled'}:"
+              f" resume with --config.model.scan_layers={bool(differences['scan_layers'][0])}.")
     raise CheckpointError(
-        f"{workdir} holds a checkpoint of a different model ({listed}). Use a new workdir, "
-        "or pass --config.force_resume=True to load it anyway.")
+        f"{workdir} holds a checkpoint of a different model ({listed}).{hint} Use a new "
+        "workdir, or pass --config.force_resume=True to load it anyway.")
   if differences:
     logging.warning("Resuming %s despite model differences: %s", workdir, differences)
 

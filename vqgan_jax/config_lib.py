@@ -103,6 +103,10 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
            f"must be divisible by model.n_head={m.n_head}", m.n_embd)
   _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = derived)", m.vocab_size)
   _require(m.block_size >= 0, "model.block_size", "must be >= 0 (0 = derived)", m.block_size)
+  _require(str(m.remat).strip().lower() in ("none", "full", "dots", "true", "false", "0", "1",
+                                            ""), "model.remat",
+           "must be 'none', 'full' (recompute each block) or 'dots' (keep matmul outputs)",
+           m.remat)
   _require(m.attention in ("softmax", "linear"), "model.attention",
            "must be 'softmax' or 'linear'", m.attention)
   _require(m.linear_chunk_size >= 1, "model.linear_chunk_size", "must be positive",
@@ -149,7 +153,7 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
   validate_common(config)
 
 
-def validate_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+def validate_batch_sizes(config: ml_collections.ConfigDict, mesh, processes=None) -> None:
   """The training and eval batch sizes against the mesh's batch shards (data x fsdp), the
   processes and config.grad_accum_steps, before anything compiles (`ConfigError` naming
   the key, both numbers and the nearest valid size)."""
@@ -160,6 +164,6 @@ def validate_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
             ("config.eval_batch_size", int(config.eval_batch_size), 1, "")]
   for what, size, steps, fix in checks:
     try:
-      sharding.check_batch_size(size, mesh, what, steps, fix)
+      sharding.check_batch_size(size, mesh, what, steps, fix, processes)
     except ValueError as e:
       raise ConfigError(str(e)) from None

@@ -229,16 +229,16 @@ def format_table(model: AbstractModel, rows, device_memory_gib=None) -> str:
 # ---------------------------------------------------------------------------- compile mode
 
 def _frozen_stage(stage1_config, n_embed: int, image_size: int, segmentation: int = 0):
-  if n_embed <= 0:
-    raise config_lib.ConfigError(
-        "a stage-2 dry run needs the VQGAN's codebook size: pass e.g. "
-        "--config.first_stage.n_embed=16384 (and --config.cond.n_embed for spatial)")
   """An abstract FrozenStage1 (parameter shapes only) for a stage-2 dry run.
 
   The VQGAN architecture comes from `stage1_config` (default: configs/vqgan_default.py,
   the reference f16 model) with the codebook size and resolution the stage-2 config states;
   `segmentation` > 0 makes it a conditioning VQGAN over that many one-hot classes.
   """
+  if n_embed <= 0:
+    raise config_lib.ConfigError(
+        "a stage-2 dry run needs the VQGAN's codebook size: pass e.g. "
+        "--config.first_stage.n_embed=16384 (and --config.cond.n_embed for spatial)")
   if stage1_config is None:
     from configs import vqgan_default  # pylint: disable=g-import-not-at-top  (configs/ is a top-level package, only present in a checkout)
     stage1_config = vqgan_default.get_config()
@@ -279,9 +279,18 @@ def compile_stage1(config, mesh, chip, steps, hlo_dir=None) -> Dict[str, Any]:
                                                         config.data.input))
     compiled = tpu_compile.compile_step(runner.jitted_train[True],
                                         (runner.abstract_state, batch, runner.lpips_params))
+    counts = None
+    if config.get("grad_accum_steps", 1) > 1:  # count the micro-batch loop k times
+      small, micro = _counting_config(config)
+      small_runner = stage1_trainer.Stage1Runner(small, mesh, abstract=True)
+      small_batch = tpu_compile.batch_struct(mesh, _image_batch(small, small.batch_size,
+                                                                small.data.input))
+      counts = tuple(micro * c for c in tpu_compile.cost_counts(tpu_compile.compile_step(
+          small_runner.jitted_train[True], (small_runner.abstract_state, small_batch,
+                                            small_runner.lpips_params))))
     reports["train"] = tpu_compile.analyse(
         compiled, chip, n, flops.stage1_step_flops_from_config(config, use_gan=True),
-        _hlo_path(hlo_dir, "train"))
+        _hlo_path(hlo_dir, "train"), counts)
     reports["train"]["largest_weight_bytes"] = tpu_compile.abstract_param_bytes(
         runner.abstract_state.g_params)
   if "eval" in steps:
@@ -335,34 +344,56 @@ def _stage2_compiled(config, mesh, steps, stage1_config=None):
         flops.gpt_forward_flops(config.eval_batch_size, setup.seq_len, **gpt_kwargs))
   if "decode" in steps:
     batch = int(config.sampling.batch_size)
-    sharding.check_batch_size(batch, mesh, "config.sampling.batch_size")
+    sharding.check_batch_size(batch, mesh, "config.sampling.batch_size",
+                              processes=tpu_compile.num_hosts(mesh))
     cache = jax.eval_shape(lambda: gpt.init_cache(batch))
     cache = tpu_compile.cache_struct(cache, mesh, gpt.scan_layers)
     batch_spec = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
-    step = jax.jit(sharding.under_mesh(tpu_compile.decode_step_fn(gpt), mesh),
-                   in_shardings=(runner.state_shardings.params, batch_spec, repl,
+    # As vqgan_jax.sampling runs it: the GPT replicated, the batch and cache split.
+    params = jax.tree_util.tree_map(lambda a: tpu_compile.sds(a.shape, a.dtype, repl),
+                                    runner.abstract_state.params)
+    step = jax.jit(tpu_compile.decode_step_fn(gpt),
+                   in_shardings=(repl, batch_spec, repl,
                                  jax.tree_util.tree_map(lambda a: a.sharding, cache)),
                    donate_argnums=(3,))
     compiled["decode"] = (
         tpu_compile.compile_step(step, (
-            runner.abstract_state.params, tpu_compile.sds((batch, 1), jnp.int32, batch_spec),
+            params, tpu_compile.sds((batch, 1), jnp.int32, batch_spec),
             tpu_compile.sds((), jnp.int32, repl), cache)),
         flops.gpt_decode_step_flops(batch, gpt.block_size, **gpt_kwargs))
   return compiled, runner
 
 
-def _unrolled_costs(config, mesh, steps, stage1_config):
-  """{step: (FLOPs, bytes accessed) per chip} of the config's steps with the GPT's layer
-  loop unrolled, extrapolated from 1- and 2-layer compiles. XLA's cost analysis counts a
-  loop body once, so a scanned model's own counts miss n_layer - 1 layers; the cost of
-  an unrolled GPT is exactly linear in the number of layers."""
+def _counting_config(config):
+  """(config, micro-batches) whose compiled cost analysis counts every op once: XLA
+  counts a loop body once, so gradient accumulation (a scan over micro-batches) is
+  compiled as one micro-batch without accumulation, its costs then multiplied."""
+  small = config.copy_and_resolve_references()
+  steps = int(config.get("grad_accum_steps", 1))
+  if steps > 1:
+    small.batch_size, small.grad_accum_steps = config.batch_size // steps, 1
+  return small, steps
+
+
+def _exact_costs(compiled: Dict[str, Any], scale: Dict[str, int]):
+  return {k: tuple(scale.get(k, 1) * c for c in tpu_compile.cost_counts(exe))
+          for k, (exe, _) in compiled.items()}
+
+
+def _stage2_counts(config, mesh, steps, stage1_config):
+  """{step: (FLOPs, bytes accessed) per chip} of the config's steps with every loop
+  counted: a scanned GPT's layers through 1- and 2-layer unrolled compiles (the cost of
+  an unrolled GPT is exactly linear in its depth), accumulation as micro-batch x k."""
+  base, micro = _counting_config(config)
+  scale = {"train": micro}
+  if not (config.model.get("scan_layers", False) and config.model.n_layer > 1):
+    return _exact_costs(_stage2_compiled(base, mesh, steps, stage1_config)[0], scale)
   points = []
   for layers in (1, 2):
-    small = config.copy_and_resolve_references()
+    small = base.copy_and_resolve_references()
     small.model.n_layer, small.model.scan_layers = layers, False
-    compiled, _ = _stage2_compiled(small, mesh, steps, stage1_config)
-    points.append({k: tpu_compile.cost_counts(c) for k, (c, _) in compiled.items()})
+    points.append(_exact_costs(_stage2_compiled(small, mesh, steps, stage1_config)[0], scale))
   n = int(config.model.n_layer)
   return {k: tuple(one + (n - 1) * (two - one) for one, two in zip(points[0][k], points[1][k]))
           for k in points[0]}
@@ -371,8 +402,9 @@ def _unrolled_costs(config, mesh, steps, stage1_config):
 def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None):
   compiled, runner = _stage2_compiled(config, mesh, steps, stage1_config)
   costs = {}
-  if config.model.get("scan_layers", False) and config.model.n_layer > 2:
-    costs = _unrolled_costs(config, mesh, steps, stage1_config)
+  if ((config.model.get("scan_layers", False) and config.model.n_layer > 1)
+      or config.get("grad_accum_steps", 1) > 1):
+    costs = _stage2_counts(config, mesh, steps, stage1_config)
   n = mesh.devices.size
   reports = {}
   for name, (executable, model_flops) in compiled.items():
@@ -402,7 +434,7 @@ def compile_report(config, topology: str, mesh_shape: Sequence[int],
   with the formula figures of the same mesh beside it."""
   chip = tpu_compile.chip_for(topology)
   mesh = tpu_compile.topology_mesh(topology, mesh_shape)
-  config_lib.validate_batch_sizes(config, mesh)
+  config_lib.validate_batch_sizes(config, mesh, processes=tpu_compile.num_hosts(mesh))
   stage = config.get("stage", "vqgan")
   if stage == "transformer":
     if config.cond.kind == "class" and config.cond.num_classes <= 0:
@@ -480,7 +512,11 @@ def main(argv):
   stage1_config = _load_config_file(FLAGS.stage1_config) if FLAGS.stage1_config else None
   if FLAGS.topology:
     mesh_text = FLAGS.mesh[0] if FLAGS.mesh else "1,-1,1"
-    num_chips = int(np.prod([int(p) for p in FLAGS.topology.split(":")[1].split("x")]))
+    try:
+      num_chips = int(np.prod([int(p) for p in FLAGS.topology.split(":")[1].split("x")]))
+    except (IndexError, ValueError):
+      raise SystemExit(f"error: --topology {FLAGS.topology!r}: expected CHIP:SHAPE, e.g. "
+                       "v5e:16x16, v4:2x2x4, v5p:4x4x4") from None
     shape = parse_mesh(mesh_text, num_chips)
     try:
       result = compile_report(config, FLAGS.topology, shape, FLAGS.steps, stage1_config,

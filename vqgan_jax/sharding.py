@@ -322,7 +322,7 @@ def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh,
           spec[dim] = axis
       break
   fsdp = mesh.shape["fsdp"]
-  if fsdp > 1 and "fsdp" not in spec and int(np.prod(shape or (1,))) >= FSDP_MIN_SIZE:
+  if fsdp > 1 and "fsdp" not in spec and int(np.prod(shape[stacked:] or (1,))) >= FSDP_MIN_SIZE:
     for dim in sorted(range(stacked, len(shape)), key=lambda d: -shape[d]):
       if spec[dim] is None and shape[dim] % fsdp == 0:
         spec[dim] = "fsdp"
@@ -383,16 +383,17 @@ def nearest_valid_batch(batch_size: int, multiple: int) -> int:
 
 
 def check_batch_size(batch_size: int, mesh, what: str, accum_steps: int = 1,
-                     fix: str = "") -> None:
+                     fix: str = "", processes: Optional[int] = None) -> None:
   """Raises ValueError unless `batch_size` splits evenly over accumulation steps, the batch
   shards (data x fsdp) of `mesh` and the processes.
 
   The message names the setting (`what`, e.g. "config.eval_batch_size"), both numbers and
   the nearest valid choice, so a pod config fails before anything compiles. `fix` names
-  another way out (e.g. the flag that sets grad accumulation).
+  another way out (e.g. the flag that sets grad accumulation); `processes` defaults to
+  this run's (a dry run passes the target slice's host count).
   """
   shards = batch_devices(mesh)
-  processes = jax.process_count()
+  processes = jax.process_count() if processes is None else int(processes)
   accum_steps = max(int(accum_steps), 1)
   multiple = int(np.lcm(shards, processes)) * accum_steps
   if batch_size > 0 and batch_size % multiple == 0:

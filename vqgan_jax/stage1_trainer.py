@@ -182,7 +182,9 @@ class Stage1Setup:
     steps = int(self.config.get("grad_accum_steps", 1))
 
     def micro_step(micro_batch, index, d_stats):
-      key = rng if steps == 1 else jax.random.fold_in(rng, index)
+      # One micro-batch keeps the step's key; several get keys of their own, drawn from
+      # a branch that no other use of the step's key shares.
+      key = rng if steps == 1 else jax.random.fold_in(jax.random.fold_in(rng, 7), index)
       x = model_inputs(micro_batch, self.config)
       micro_trainer = trainer.replace(d_batch_stats=d_stats)
       g_grads, x_rec, out, metrics = self.generator_gradients(

@@ -525,7 +525,9 @@ class Stage2Setup:
     steps = int(self.config.get("grad_accum_steps", 1))
 
     def micro_step(micro_batch, index, carry):
-      key = rng if steps == 1 else jax.random.fold_in(rng, index)
+      # One micro-batch keeps the step's key; several get keys of their own, drawn from
+      # a branch that no other use of the step's key shares.
+      key = rng if steps == 1 else jax.random.fold_in(jax.random.fold_in(rng, 7), index)
       seq_key, corrupt_key, dropout_key = jax.random.split(key, 3)
       tokens = self.sequence(frozen, micro_batch, seq_key, train=True)
       inputs = corrupt_image_tokens(tokens, self.prefix_len, self.layout.n_codes,

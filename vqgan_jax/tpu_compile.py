@@ -143,14 +143,13 @@ def collectives(hlo_text: str) -> Dict[str, Any]:
   gathered = {}
   for line in hlo_text.splitlines():
     match = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES)
-                     + r")(-start)?\(", line)
-    if not match:
+                     + r")(-start|-done)?\(", line)
+    if not match or match.group(3) == "-start":
+      # An async collective is counted at its -done, whose result is the output (a
+      # -start's result tuple also holds the operands and sync flags).
       continue
     result_type, kind = match.group(1), match.group(2)
     size, shapes = _shape_bytes(result_type)
-    if match.group(3) and len(shapes) > 1:
-      # An async start's result is (operand, result): count the result only.
-      size, shapes = _shape_bytes(shapes[-1])
     kinds[kind]["count"] += 1
     kinds[kind]["bytes"] += size
     if kind == "all-gather":
@@ -183,7 +182,7 @@ def analyse(compiled, chip: Chip, num_chips: int, model_flops: Optional[float] =
             counts: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
   """The per-step figures the dry run reports, from one compiled executable. `counts`
   replaces the executable's own (FLOPs, bytes accessed) per chip (for a scanned model,
-  whose loop body XLA counts once: see dry_run._unrolled_costs)."""
+  whose loop body XLA counts once: see dry_run._stage2_counts)."""
   mem = compiled.memory_analysis()
   per_device = {
       "arguments": int(mem.argument_size_in_bytes),
@@ -214,7 +213,8 @@ def analyse(compiled, chip: Chip, num_chips: int, model_flops: Optional[float] =
       "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
       "estimated_step_seconds": estimate,
       "estimate_bound": "compute" if compute_s >= memory_s else "memory",
-      "counts": "unrolled layers, extrapolated" if counts is not None else "compiled program",
+      "counts": ("every loop counted (unrolled layers / micro-batches)" if counts is not None
+                 else "compiled program"),
   }
   if model_flops:
     report["model_flops_per_step"] = float(model_flops)
@@ -256,6 +256,8 @@ def cache_struct(cache, mesh: Mesh, scanned: bool):
 
 
 def decode_step_fn(gpt):
+  """One KV-cache decoding step as the sampler runs it (params replicated, no mesh
+  context: `vqgan_jax.sampling`)."""
   from vqgan_jax.models import transformer  # pylint: disable=g-import-not-at-top
   def step(params, tokens, position, cache):
     return gpt.apply({"params": params}, tokens, position, cache,

@@ -218,24 +218,20 @@ def accumulate(micro_step, batch, steps: int, carry=None):
     grads, metrics, carry, extra = micro_step(batch, jnp.zeros((), jnp.int32), carry)
     return grads, metrics, carry, jax.tree_util.tree_map(lambda a: a[None], extra)
   micro = split_microbatches(batch, steps)
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(micro_step, first, jnp.zeros((), jnp.int32), carry)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
 
   def body(acc, inputs):
     grads_sum, metrics_sum, carry = acc
     index, mb = inputs
     grads, metrics, carry, extra = micro_step(mb, index, carry)
     add = lambda a, b: a + b  # pylint: disable=unnecessary-lambda-assignment
-    if grads_sum is not None:
-      grads = jax.tree_util.tree_map(add, grads_sum, grads)
-      metrics = jax.tree_util.tree_map(add, metrics_sum, metrics)
-    return (grads, metrics, carry), extra
+    return (jax.tree_util.tree_map(add, grads_sum, grads),
+            jax.tree_util.tree_map(add, metrics_sum, metrics), carry), extra
 
-  first_index = jnp.zeros((), jnp.int32)
-  first = jax.tree_util.tree_map(lambda x: x[0], micro)
-  grads, metrics, carry, extra0 = micro_step(first, first_index, carry)
-  rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
   (grads, metrics, carry), extra = jax.lax.scan(
-      body, (grads, metrics, carry), (jnp.arange(1, steps, dtype=jnp.int32), rest))
-  extra = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), extra0, extra)
+      body, (zeros[0], zeros[1], carry), (jnp.arange(steps, dtype=jnp.int32), micro))
   grads = jax.tree_util.tree_map(lambda g: g / steps, grads)
   metrics = {k: v if jnp.issubdtype(v.dtype, jnp.integer) else v / steps
              for k, v in metrics.items()}

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vqgan_jax import sharding
+
 Cache = Dict[str, jax.Array]
 
 
@@ -116,7 +118,7 @@ class SoftmaxAttention:
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
   def parallel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    if jax.default_backend() == "cpu":
+    if sharding.on_platform("cpu"):  # the traced step's target (AOT TPU compiles included)
       return causal_softmax_attention(q, k, v)
     # GPU/TPU: the fused op (cuDNN flash attention where available).
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)

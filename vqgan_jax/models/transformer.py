@@ -336,19 +336,20 @@ class GPT(nn.Module):
 
 _POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    # Keep weight matmul outputs; recompute the rest, attention scores included (saving
+    # those would keep B x H x T x T per layer).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 def remat_policy(remat) -> str:
   """Normalises `GPT.remat` (True/False or a policy name) to "none" | "full" | "dots"."""
-  if remat is True:
-    return "full"
-  if remat is False or remat is None or remat == "":
-    return "none"
-  if remat not in ("none",) + tuple(_POLICIES):
-    raise ValueError(f"remat={remat!r}: expected 'none', 'full' or 'dots'")
-  return remat
+  text = str(remat).strip().lower() if remat is not None else "none"
+  # Booleans and their spellings from the command line (--config.model.remat=True).
+  text = {"true": "full", "1": "full", "false": "none", "0": "none", "": "none"}.get(text, text)
+  if text not in ("none",) + tuple(_POLICIES):
+    raise ValueError(f"model.remat={remat!r}: expected 'none', 'full' or 'dots'")
+  return text
 
 
 def stack_block_params(params, n_layer: int):
