@@ -185,12 +185,16 @@ def test_activation_spec_follows_logical_axes():
 
 def test_stacked_params_keep_the_layer_axis_whole():
   mesh = _mesh(1, 4, 2)
-  spec = sharding.spec_for("params/blocks/attn/query/kernel", (48, 64, 64), mesh,
+  spec = sharding.spec_for("params/blocks/attn/query/kernel", (48, 256, 256), mesh,
                            sharding.GPT_RULES)
   assert spec == P(None, "fsdp", "tensor")
-  spec = sharding.spec_for("params/blocks/mlp/proj/kernel", (48, 256, 64), mesh,
+  spec = sharding.spec_for("params/blocks/mlp/proj/kernel", (48, 1024, 256), mesh,
                            sharding.GPT_RULES)
   assert spec == P(None, "tensor", "fsdp")
+  # FSDP's size threshold applies per layer: a stacked LayerNorm scale stays replicated,
+  # as the unrolled one does.
+  assert sharding.spec_for("params/blocks/ln1/scale", (48, 1024), mesh,
+                           sharding.GPT_RULES) == P(None, None)
   # The unrolled names keep their rules.
-  assert sharding.spec_for("params/blocks_3/attn/query/kernel", (64, 64), mesh,
+  assert sharding.spec_for("params/blocks_3/attn/query/kernel", (256, 256), mesh,
                            sharding.GPT_RULES) == P("fsdp", "tensor")
