@@ -35,19 +35,19 @@ GPT_SEG = ["--config", "configs/transformer_sflckr_seg.py", "--config.eval_batch
 RUNS = {
     "gpt_imagenet_1.4b__v5e-256": (GPT_IMAGENET, "v5e:16x16", "1,256,1", 256),
     "gpt_imagenet_1.4b__v5e-256_b1024": (GPT_IMAGENET, "v5e:16x16", "1,256,1", 1024),
-    "vqgan_imagenet_16k__v4-32": (STAGE1_16K, "v4:2x2x4", "16,1,1", 128),
+    "vqgan_imagenet_16k__v4-32": (STAGE1_16K, "v4:2x2x4", "32,1,1", 128),
     "vqgan_imagenet_16k__v5e-256": (STAGE1_16K, "v5e:16x16", "256,1,1", 256),
     # Contrast: a slice the 1.4B model does not fit on at this batch.
     "gpt_imagenet_1.4b__v5e-4_no_fit": (GPT_IMAGENET, "v5e:2x2", "1,4,1", 256),
-    "gpt_imagenet_1.4b__v4-32": (GPT_IMAGENET, "v4:2x2x4", "1,16,1", 256),
+    "gpt_imagenet_1.4b__v4-32": (GPT_IMAGENET, "v4:2x2x4", "1,32,1", 256),
     "gpt_imagenet_1.4b__v5p-128": (GPT_IMAGENET, "v5p:4x4x4", "1,64,1", 256),
     "vqgan_imagenet_16k__v5p-128": (STAGE1_16K, "v5p:4x4x4", "64,1,1", 256),
     "gpt_ffhq__v5e-256": (GPT_FFHQ, "v5e:16x16", "1,256,1", 256),
     "gpt_sflckr_seg__v5e-256": (GPT_SEG, "v5e:16x16", "1,256,1", 256),
     "vqgan_ffhq_1024__v5e-256": (STAGE1_FFHQ, "v5e:16x16", "256,1,1", 256),
-    "gpt_ffhq__v4-32": (GPT_FFHQ, "v4:2x2x4", "1,16,1", 256),
-    "gpt_sflckr_seg__v4-32": (GPT_SEG, "v4:2x2x4", "1,16,1", 256),
-    "vqgan_ffhq_1024__v4-32": (STAGE1_FFHQ, "v4:2x2x4", "16,1,1", 128),
+    "gpt_ffhq__v4-32": (GPT_FFHQ, "v4:2x2x4", "1,32,1", 256),
+    "gpt_sflckr_seg__v4-32": (GPT_SEG, "v4:2x2x4", "1,32,1", 256),
+    "vqgan_ffhq_1024__v4-32": (STAGE1_FFHQ, "v4:2x2x4", "32,1,1", 128),
     "gpt_ffhq__v5p-128": (GPT_FFHQ, "v5p:4x4x4", "1,64,1", 256),
     "gpt_sflckr_seg__v5p-128": (GPT_SEG, "v5p:4x4x4", "1,64,1", 256),
     "vqgan_ffhq_1024__v5p-128": (STAGE1_FFHQ, "v5p:4x4x4", "64,1,1", 256),
@@ -102,7 +102,7 @@ def render(out_dir):
     mesh = ",".join(str(v) for v in r["mesh"].values())
     mfu = t.get("estimated_mfu")
     rows.append(
-        f"| {name.split('__')[0]} | {r['topology']} ({r['num_chips']} chips) | {mesh} | "
+        f"| {name.split('__')[0]} | {r['topology']} ({r['num_chips']} devices) | {mesh} | "
         f"{r['global_batch']}"
         + (f" ({r['grad_accum_steps']} micro)" if r["grad_accum_steps"] > 1 else "")
         + f" | {t['per_device_bytes']['total'] / GIB:.2f} / {r['device_memory_bytes'] / GIB:g}"

@@ -270,7 +270,8 @@ def _image_batch(config, batch_size: int, data_input: str = "image", eval_mask=F
   return entries
 
 
-def compile_stage1(config, mesh, chip, steps, hlo_dir=None) -> Dict[str, Any]:
+def compile_stage1(config, mesh, chip, steps, hlo_dir=None,
+                   exact_costs: bool = True) -> Dict[str, Any]:
   runner = stage1_trainer.Stage1Runner(config, mesh, abstract=True)
   n = mesh.devices.size
   reports = {}
@@ -280,7 +281,7 @@ def compile_stage1(config, mesh, chip, steps, hlo_dir=None) -> Dict[str, Any]:
     compiled = tpu_compile.compile_step(runner.jitted_train[True],
                                         (runner.abstract_state, batch, runner.lpips_params))
     counts = None
-    if config.get("grad_accum_steps", 1) > 1:  # count the micro-batch loop k times
+    if exact_costs and config.get("grad_accum_steps", 1) > 1:  # count the loop k times
       small, micro = _counting_config(config)
       small_runner = stage1_trainer.Stage1Runner(small, mesh, abstract=True)
       small_batch = tpu_compile.batch_struct(mesh, _image_batch(small, small.batch_size,
@@ -399,11 +400,12 @@ def _stage2_counts(config, mesh, steps, stage1_config):
           for k in points[0]}
 
 
-def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None):
+def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None,
+                   exact_costs: bool = True):
   compiled, runner = _stage2_compiled(config, mesh, steps, stage1_config)
   costs = {}
-  if ((config.model.get("scan_layers", False) and config.model.n_layer > 1)
-      or config.get("grad_accum_steps", 1) > 1):
+  if exact_costs and ((config.model.get("scan_layers", False) and config.model.n_layer > 1)
+                      or config.get("grad_accum_steps", 1) > 1):
     costs = _stage2_counts(config, mesh, steps, stage1_config)
   n = mesh.devices.size
   reports = {}
@@ -428,7 +430,7 @@ def _hlo_path(folder, step):
 
 def compile_report(config, topology: str, mesh_shape: Sequence[int],
                    steps: Sequence[str] = ("train", "eval", "decode"), stage1_config=None,
-                   hlo_dir: Optional[str] = None) -> Dict[str, Any]:
+                   hlo_dir: Optional[str] = None, exact_costs: bool = True) -> Dict[str, Any]:
   """Compiles the config's steps for `topology` on a (data, fsdp, tensor) mesh; returns
   the JSON-ready report (per step: memory, FLOPs, estimated time and MFU, collectives),
   with the formula figures of the same mesh beside it."""
@@ -443,9 +445,9 @@ def compile_report(config, topology: str, mesh_shape: Sequence[int],
       grid = _frozen_stage(stage1_config, config.first_stage.n_embed,
                            int(config.data.image_size)).metadata["latent_grid"]
       config.first_stage.latent_grid = tuple(grid)
-    reports = compile_stage2(config, mesh, chip, steps, stage1_config, hlo_dir)
+    reports = compile_stage2(config, mesh, chip, steps, stage1_config, hlo_dir, exact_costs)
   else:
-    reports = compile_stage1(config, mesh, chip, steps, hlo_dir)
+    reports = compile_stage1(config, mesh, chip, steps, hlo_dir, exact_costs)
   model, rows = report(config, [tuple(mesh_shape)], chip.hbm_bytes / GIB, stage1_config)
   formula = {k: v for k, v in rows[0].items() if k != "warnings"}
   return {
@@ -520,7 +522,7 @@ def main(argv):
     shape = parse_mesh(mesh_text, num_chips)
     try:
       result = compile_report(config, FLAGS.topology, shape, FLAGS.steps, stage1_config,
-                              FLAGS.keep_hlo or None)
+                              FLAGS.keep_hlo or None, FLAGS.exact_costs)
     except (tpu_compile.TpuCompileError, config_lib.ConfigError, ValueError) as e:
       raise SystemExit(f"error: {e}") from None
     print(format_compile_report(result))
@@ -558,6 +560,9 @@ def _define_flags():
                     "(decode: stage 2 only)")
   flags.DEFINE_integer("batch_size", 0, "global batch size (0: the config's)")
   flags.DEFINE_string("json", "", "compile mode: write the report here")
+  flags.DEFINE_bool("exact_costs", True, "compile mode: count every loop iteration of a "
+                    "scanned GPT or of gradient accumulation (extra compiles: XLA counts a "
+                    "loop body once); --noexact_costs reports the program's own counts")
   flags.DEFINE_string("keep_hlo", "", "compile mode: write each step's partitioned HLO here")
   flags.mark_flags_as_required(["config"])
 

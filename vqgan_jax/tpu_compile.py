@@ -40,7 +40,8 @@ GIB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Public per-chip figures (Cloud TPU system architecture pages)."""
+  """Public per-device figures (Cloud TPU system architecture pages); a device is what
+  libtpu's topology lists (a chip, or a TensorCore on v4)."""
   name: str
   hbm_bytes: int
   peak_bf16_flops: float
@@ -49,7 +50,9 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1.2e12, 4),
+    # libtpu's v4 topologies have one device per TensorCore (no megacore): "v4:2x2x4" is
+    # 32 devices, i.e. v4-32's 16 chips; figures per core (half a chip).
+    "v4": Chip("TPU v4 core", 16 * GIB, 137.5e12, 0.6e12, 8),
     "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 8.19e11, 4),
     "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2.765e12, 4),
     "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 1.64e12, 4),
