@@ -35,13 +35,15 @@ GPT_SEG = ["--config", "configs/transformer_sflckr_seg.py", "--config.eval_batch
 RUNS = {
     "gpt_imagenet_1.4b__v5e-256": (GPT_IMAGENET, "v5e:16x16", "1,256,1", 256),
     "gpt_imagenet_1.4b__v5e-256_b1024": (GPT_IMAGENET, "v5e:16x16", "1,256,1", 1024),
-    "vqgan_imagenet_16k__v4-32": (STAGE1_16K, "v4:2x2x4", "32,1,1", 128),
     "vqgan_imagenet_16k__v5e-256": (STAGE1_16K, "v5e:16x16", "256,1,1", 256),
-    # Contrast: a slice the 1.4B model does not fit on at this batch.
-    "gpt_imagenet_1.4b__v5e-4_no_fit": (GPT_IMAGENET, "v5e:2x2", "1,4,1", 256),
-    "gpt_imagenet_1.4b__v4-32": (GPT_IMAGENET, "v4:2x2x4", "1,32,1", 256),
-    "gpt_imagenet_1.4b__v5p-128": (GPT_IMAGENET, "v5p:4x4x4", "1,64,1", 256),
+    "vqgan_imagenet_16k__v4-32": (STAGE1_16K, "v4:2x2x4", "32,1,1", 128),
     "vqgan_imagenet_16k__v5p-128": (STAGE1_16K, "v5p:4x4x4", "64,1,1", 256),
+    "gpt_imagenet_1.4b__v5p-128": (GPT_IMAGENET, "v5p:4x4x4", "1,64,1", 256),
+    "gpt_imagenet_1.4b__v4-32": (GPT_IMAGENET, "v4:2x2x4", "1,32,1", 256),
+    # Contrast: slices these do not fit on at this batch.
+    "vqgan_imagenet_16k__v5e-4_no_fit": (STAGE1_16K + ["--config.eval_batch_size=128"],
+                                         "v5e:2x2", "4,1,1", 128),
+    "gpt_imagenet_1.4b__v5e-4_no_fit": (GPT_IMAGENET, "v5e:2x2", "1,4,1", 256),
     "gpt_ffhq__v5e-256": (GPT_FFHQ, "v5e:16x16", "1,256,1", 256),
     "gpt_sflckr_seg__v5e-256": (GPT_SEG, "v5e:16x16", "1,256,1", 256),
     "vqgan_ffhq_1024__v5e-256": (STAGE1_FFHQ, "v5e:16x16", "256,1,1", 256),
@@ -51,9 +53,6 @@ RUNS = {
     "gpt_ffhq__v5p-128": (GPT_FFHQ, "v5p:4x4x4", "1,64,1", 256),
     "gpt_sflckr_seg__v5p-128": (GPT_SEG, "v5p:4x4x4", "1,64,1", 256),
     "vqgan_ffhq_1024__v5p-128": (STAGE1_FFHQ, "v5p:4x4x4", "64,1,1", 256),
-    # Contrast: a slice the VQGAN does not fit on at this batch.
-    "vqgan_imagenet_16k__v5e-4_no_fit": (STAGE1_16K + ["--config.eval_batch_size=128"],
-                                         "v5e:2x2", "4,1,1", 128),
 }
 
 
