@@ -99,6 +99,12 @@ def render(out_dir):
       r = json.load(f)
     t = r["steps"]["train"]
     mesh = ",".join(str(v) for v in r["mesh"].values())
+    if "compile_error" in t:
+      rows.append(f"| {name.split('__')[0]} | {r['topology']} ({r['num_chips']} devices) | "
+                  f"{mesh} | {r['global_batch']} | {t['per_device_bytes']['total'] / GIB:.2f} "
+                  f"/ {r['device_memory_bytes'] / GIB:g} GiB (compiler: out of HBM) | **no** "
+                  "| | | | |")
+      continue
     mfu = t.get("estimated_mfu")
     rows.append(
         f"| {name.split('__')[0]} | {r['topology']} ({r['num_chips']} devices) | {mesh} | "
@@ -107,7 +113,8 @@ def render(out_dir):
         + f" | {t['per_device_bytes']['total'] / GIB:.2f} / {r['device_memory_bytes'] / GIB:g}"
         f" GiB | {'yes' if t['fits'] else '**no**'} | {t['estimated_step_seconds'] * 1e3:.0f} ms"
         f" | {t['estimate_bound']} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} | "
-        f"{t['largest_all_gather_bytes'] / 2 ** 20:.1f} MiB `{t['largest_all_gather_shape']}` |")
+        + (f"{t['largest_all_gather_bytes'] / 2 ** 20:.1f} MiB `{t['largest_all_gather_shape']}` |"
+           if t["largest_all_gather_bytes"] else "none (data parallel) |"))
   print("\n".join(rows))
 
 

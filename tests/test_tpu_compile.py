@@ -111,3 +111,14 @@ def test_hlo_collectives_are_parsed():
   assert found["largest_all_gather_shape"] == "bf16[48,1536,1536]"
   with pytest.raises(tpu_compile.TpuCompileError, match="unknown chip"):
     tpu_compile.chip_for("v9x:2x2")
+
+
+def test_out_of_memory_compile_is_reported_as_not_fitting():
+  error = tpu_compile.DoesNotFit(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (26.89G) exceeds available HBM (15.75G).")
+  report = error.report(tpu_compile.chip_for("v5e:2x2"))
+  assert report["fits"] is False
+  assert report["per_device_bytes"]["total"] == int(26.89 * 2 ** 30)
+  assert report["available_bytes"] == int(15.75 * 2 ** 30)
+  assert "26.89G" in report["compile_error"]

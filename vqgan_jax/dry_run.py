@@ -278,10 +278,13 @@ def compile_stage1(config, mesh, chip, steps, hlo_dir=None,
   if "train" in steps:
     batch = tpu_compile.batch_struct(mesh, _image_batch(config, config.batch_size,
                                                         config.data.input))
-    compiled = tpu_compile.compile_step(runner.jitted_train[True],
-                                        (runner.abstract_state, batch, runner.lpips_params))
+    try:
+      compiled = tpu_compile.compile_step(runner.jitted_train[True],
+                                          (runner.abstract_state, batch, runner.lpips_params))
+    except tpu_compile.DoesNotFit as e:
+      compiled, reports["train"] = None, e.report(chip)
     counts = None
-    if exact_costs and config.get("grad_accum_steps", 1) > 1:  # count the loop k times
+    if compiled is not None and exact_costs and config.get("grad_accum_steps", 1) > 1:
       small, micro = _counting_config(config)
       small_runner = stage1_trainer.Stage1Runner(small, mesh, abstract=True)
       small_batch = tpu_compile.batch_struct(mesh, _image_batch(small, small.batch_size,
@@ -289,17 +292,22 @@ def compile_stage1(config, mesh, chip, steps, hlo_dir=None,
       counts = tuple(micro * c for c in tpu_compile.cost_counts(tpu_compile.compile_step(
           small_runner.jitted_train[True], (small_runner.abstract_state, small_batch,
                                             small_runner.lpips_params))))
-    reports["train"] = tpu_compile.analyse(
-        compiled, chip, n, flops.stage1_step_flops_from_config(config, use_gan=True),
-        _hlo_path(hlo_dir, "train"), counts)
+    if compiled is not None:
+      reports["train"] = tpu_compile.analyse(
+          compiled, chip, n, flops.stage1_step_flops_from_config(config, use_gan=True),
+          _hlo_path(hlo_dir, "train"), counts)
     reports["train"]["largest_weight_bytes"] = tpu_compile.abstract_param_bytes(
-        runner.abstract_state.g_params)
+        runner.abstract_state.g_params)  # (also on a step that does not fit)
   if "eval" in steps:
     batch = tpu_compile.batch_struct(mesh, _image_batch(config, config.eval_batch_size,
                                                         config.data.input, eval_mask=True))
-    compiled = tpu_compile.compile_step(runner.jitted_eval, (runner.abstract_state.g_params,
-                                                            batch, runner.lpips_params))
-    reports["eval"] = tpu_compile.analyse(compiled, chip, n, None, _hlo_path(hlo_dir, "eval"))
+    try:
+      compiled = tpu_compile.compile_step(runner.jitted_eval, (runner.abstract_state.g_params,
+                                                              batch, runner.lpips_params))
+      reports["eval"] = tpu_compile.analyse(compiled, chip, n, None,
+                                            _hlo_path(hlo_dir, "eval"))
+    except tpu_compile.DoesNotFit as e:
+      reports["eval"] = e.report(chip)
   return reports
 
 
@@ -331,15 +339,22 @@ def _stage2_compiled(config, mesh, steps, stage1_config=None):
     return tpu_compile.batch_struct(mesh, out)
 
   compiled = {}
+
+  def attempt(jitted, args):
+    try:
+      return tpu_compile.compile_step(jitted, args)
+    except tpu_compile.DoesNotFit as e:
+      return e
+
   if "train" in steps:
     compiled["train"] = (
-        tpu_compile.compile_step(runner.jitted_train, (
+        attempt(runner.jitted_train, (
             runner.abstract_state, entries(config.batch_size), runner.frozen)),
         flops.gpt_train_step_flops(config.batch_size, setup.seq_len, **gpt_kwargs))
   if "eval" in steps:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
     compiled["eval"] = (
-        tpu_compile.compile_step(runner.jitted_eval, (
+        attempt(runner.jitted_eval, (
             runner.abstract_state.params, entries(config.eval_batch_size, True),
             runner.frozen, key)),
         flops.gpt_forward_flops(config.eval_batch_size, setup.seq_len, **gpt_kwargs))
@@ -359,7 +374,7 @@ def _stage2_compiled(config, mesh, steps, stage1_config=None):
                                  jax.tree_util.tree_map(lambda a: a.sharding, cache)),
                    donate_argnums=(3,))
     compiled["decode"] = (
-        tpu_compile.compile_step(step, (
+        attempt(step, (
             params, tpu_compile.sds((batch, 1), jnp.int32, batch_spec),
             tpu_compile.sds((), jnp.int32, repl), cache)),
         flops.gpt_decode_step_flops(batch, gpt.block_size, **gpt_kwargs))
@@ -379,7 +394,7 @@ def _counting_config(config):
 
 def _exact_costs(compiled: Dict[str, Any], scale: Dict[str, int]):
   return {k: tuple(scale.get(k, 1) * c for c in tpu_compile.cost_counts(exe))
-          for k, (exe, _) in compiled.items()}
+          for k, (exe, _) in compiled.items() if not isinstance(exe, tpu_compile.DoesNotFit)}
 
 
 def _stage2_counts(config, mesh, steps, stage1_config):
@@ -397,7 +412,7 @@ def _stage2_counts(config, mesh, steps, stage1_config):
     points.append(_exact_costs(_stage2_compiled(small, mesh, steps, stage1_config)[0], scale))
   n = int(config.model.n_layer)
   return {k: tuple(one + (n - 1) * (two - one) for one, two in zip(points[0][k], points[1][k]))
-          for k in points[0]}
+          for k in points[0] if k in points[1]}
 
 
 def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None,
@@ -410,9 +425,12 @@ def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None,
   n = mesh.devices.size
   reports = {}
   for name, (executable, model_flops) in compiled.items():
+    if isinstance(executable, tpu_compile.DoesNotFit):
+      reports[name] = executable.report(chip)
+      continue
     reports[name] = tpu_compile.analyse(executable, chip, n, model_flops,
                                         _hlo_path(hlo_dir, name), costs.get(name))
-  if "train" in reports:
+  if "train" in reports and reports["train"]["fits"]:
     reports["train"]["largest_weight_bytes"] = tpu_compile.abstract_param_bytes(
         runner.abstract_state.params)
   if "decode" in reports:
@@ -475,6 +493,10 @@ def format_compile_report(result: Dict[str, Any]) -> str:
   table = [header]
   hbm = result["device_memory_bytes"] / GIB
   for name, r in result["steps"].items():
+    if "compile_error" in r:
+      table.append([name, "NO", f"{r['per_device_bytes']['total'] / GIB:.2f}/{hbm:g} GiB",
+                    "(the TPU compiler ran out of HBM)"] + [""] * (len(header) - 4))
+      continue
     ops = r["ops"]
     mfu = r.get("estimated_mfu")
     table.append([

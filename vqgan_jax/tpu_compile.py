@@ -227,8 +227,34 @@ def analyse(compiled, chip: Chip, num_chips: int, model_flops: Optional[float] =
   return report
 
 
+class DoesNotFit(Exception):
+  """The TPU compiler refused the program: its temporaries exceed the chip's HBM."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+    found = re.findall(r"\(([0-9.]+)([KMGT])\)", message)
+    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    self.required_bytes = int(float(found[0][0]) * units[found[0][1]]) if found else 0
+    self.available_bytes = int(float(found[1][0]) * units[found[1][1]]) if len(found) > 1 else 0
+
+  def report(self, chip: Chip) -> Dict[str, Any]:
+    """The step's entry in the dry-run report: does not fit, with the compiler's figures."""
+    return {"fits": False, "device_memory_bytes": chip.hbm_bytes,
+            "per_device_bytes": {"temp": self.required_bytes, "total": self.required_bytes},
+            "available_bytes": self.available_bytes,
+            "compile_error": self.message.strip().splitlines()[-1][:500]}
+
+
 def compile_step(jitted, args: Sequence[Any]):
-  return jitted.lower(*args).compile()
+  """Lowers and compiles for the topology; DoesNotFit when the compiler runs out of HBM."""
+  try:
+    return jitted.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text and "memory" in text.lower():
+      raise DoesNotFit(text) from None
+    raise
 
 
 def sds(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
