@@ -419,8 +419,10 @@ def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None,
                    exact_costs: bool = True):
   compiled, runner = _stage2_compiled(config, mesh, steps, stage1_config)
   costs = {}
-  if exact_costs and ((config.model.get("scan_layers", False) and config.model.n_layer > 1)
-                      or config.get("grad_accum_steps", 1) > 1):
+  fitted = [v for v, _ in compiled.values() if not isinstance(v, tpu_compile.DoesNotFit)]
+  if fitted and exact_costs and ((config.model.get("scan_layers", False)
+                                  and config.model.n_layer > 1)
+                                 or config.get("grad_accum_steps", 1) > 1):
     costs = _stage2_counts(config, mesh, steps, stage1_config)
   n = mesh.devices.size
   reports = {}
