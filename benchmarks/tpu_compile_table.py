@@ -114,7 +114,9 @@ def render(out_dir):
         f" GiB | {'yes' if t['fits'] else '**no**'} | {t['estimated_step_seconds'] * 1e3:.0f} ms"
         f" | {t['estimate_bound']} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} | "
         + (f"{t['largest_all_gather_bytes'] / 2 ** 20:.1f} MiB `{t['largest_all_gather_shape']}` |"
-           if t["largest_all_gather_bytes"] else "none (data parallel) |"))
+           if t["largest_all_gather_bytes"]
+           else "none (data parallel) |" if r["mesh"]["fsdp"] == 1
+           else "none parsed (the HLO's weight gathers are not plain all-gather ops here) |"))
   print("\n".join(rows))
 
 
