@@ -836,7 +836,7 @@ def build_tfds_dataset(data_dir: str, files: Sequence[Tuple[str, int]], num_clas
 
 def _photos_short_side(dc, size: int) -> int:
   """photos.photo_short_side large enough for size x size train and val crops (the bound
-  data._split_boxes states)."""
+  data.py states)."""
   vf = float(dc.photos.val_fraction)
   needed = max(2 * size, math.ceil(size / max(1e-6, 1.0 - vf)) + 1)
   return max(int(dc.photos.photo_short_side), needed)

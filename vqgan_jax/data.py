@@ -192,7 +192,7 @@ def decode_image(path: str, min_short_side: int | None = None) -> np.ndarray:
     return _pil_to_rgb_uint8(img)
 
 
-def _resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes (bicubic, antialiased by PIL) so that the shorter side is `size`."""
   h, w = image.shape[:2]
   if min(h, w) == size:
@@ -205,23 +205,23 @@ def _resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resized)
 
 
-def _random_window(h: int, w: int, size: int, rng: np.random.Generator):
+def random_window(h: int, w: int, size: int, rng: np.random.Generator):
   y = int(rng.integers(0, h - size + 1))
   x = int(rng.integers(0, w - size + 1))
   return y, x
 
 
-def _center_window(h: int, w: int, size: int):
+def center_window(h: int, w: int, size: int):
   # Same offsets as albumentations.CenterCrop, which the reference uses.
   return (h - size) // 2, (w - size) // 2
 
 
-def _to_float(image_uint8: np.ndarray) -> np.ndarray:
+def to_float(image_uint8: np.ndarray) -> np.ndarray:
   return image_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def _example(image: np.ndarray, label: int, segmentation=None, mask=None):
-  ex = {"image": _to_float(image), "label": np.int32(label)}
+  ex = {"image": to_float(image), "label": np.int32(label)}
   if segmentation is not None:
     ex["segmentation"] = segmentation.astype(np.int32)
   if mask is not None:
@@ -256,7 +256,7 @@ def _load_source_photos(short_side: int):
       failed.append(name)
       logging.warning("photos: could not load skimage.data.%s (%s); skipped", name, e)
       continue
-    image = np.array(_resize_short_side(original, short_side))
+    image = np.array(resize_short_side(original, short_side))
     image.setflags(write=False)
     photos.append((name, image))
   if not photos:
@@ -320,7 +320,7 @@ def _split_boxes(h: int, w: int, val_fraction: float, size: int, name: str):
   return (0, 0, train_len, w), (train_len, 0, val_len, w)
 
 
-def _grid_windows(box, size: int):
+def grid_windows(box, size: int):
   """Non-overlapping size x size windows tiling `box`, centred (row-major)."""
   by, bx, bh, bw = box
   rows, cols = bh // size, bw // size
@@ -365,7 +365,7 @@ def _prepare_photos(short_side: int, val_fraction: float, num_segments: int,
     h, w = image.shape[:2]
     train_box, val_box = _split_boxes(h, w, val_fraction, image_size, name)
     prepared.append(Photo(name, image, seg, train_box, val_box,
-                          _grid_windows(val_box, image_size)))
+                          grid_windows(val_box, image_size)))
   return tuple(prepared)
 
 
@@ -393,7 +393,7 @@ class _PhotoTrain(grain.transforms.RandomMap):
     photo = _prepare_photos(self.short_side, self.val_fraction, self.num_segments,
                             self.size)[element]
     by, bx, bh, bw = photo.train_box
-    dy, dx = _random_window(bh, bw, self.size, rng)
+    dy, dx = random_window(bh, bw, self.size, rng)
     y, x = by + dy, bx + dx
     image = photo.image[y:y + self.size, x:x + self.size]
     seg = photo.segmentation[y:y + self.size, x:x + self.size]
@@ -431,7 +431,7 @@ def _photo_args(dc):
 # Image folder.
 
 
-class _FolderScan(NamedTuple):
+class FolderScan(NamedTuple):
   class_names: tuple
   train: tuple      # ((path, label), ...) sorted by relative path
   val: tuple
@@ -468,7 +468,7 @@ def _path_rank_key(rel_path: str) -> bytes:
   return hashlib.sha256(rel_path.encode("utf-8")).digest()
 
 
-def _scan_folder(fc) -> _FolderScan:
+def scan_folder(fc) -> FolderScan:
   """Lists, checks and splits an image folder (readability results are cached)."""
   root = os.path.abspath(os.path.expanduser(str(fc.folder_path)))
   if not fc.folder_path or not os.path.isdir(root):
@@ -522,12 +522,12 @@ def _scan_folder(fc) -> _FolderScan:
   val_ids = set(ranked[:num_val])
   train = tuple((p, l) for i, (_, p, l) in enumerate(good) if i not in val_ids)
   val = tuple((p, l) for i, (_, p, l) in enumerate(good) if i in val_ids)
-  return _FolderScan(class_names, train, val, tuple(skipped))
+  return FolderScan(class_names, train, val, tuple(skipped))
 
 
 def folder_skipped_files(data_config) -> tuple:
   """Paths the folder source skips as unreadable (also in dataset_info)."""
-  return _scan_folder(data_config.folder).skipped
+  return scan_folder(data_config.folder).skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,7 +537,7 @@ class _FolderTrain(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     path, label = element
-    image = _resize_short_side(decode_image(path, self.size), self.size)
+    image = resize_short_side(decode_image(path, self.size), self.size)
     return _example(_random_crop_flip(image, self.size, self.flip, rng), label)
 
 
@@ -549,12 +549,12 @@ class _FolderEval(grain.transforms.Map):
     if _is_pad(element):
       return _padding_example(self.size)
     path, label = element
-    image = _resize_short_side(decode_image(path, self.size), self.size)
+    image = resize_short_side(decode_image(path, self.size), self.size)
     return _example(_center_crop(image, self.size), label, mask=True)
 
 
 def _random_crop_flip(image, size, flip, rng):
-  y, x = _random_window(image.shape[0], image.shape[1], size, rng)
+  y, x = random_window(image.shape[0], image.shape[1], size, rng)
   image = image[y:y + size, x:x + size]
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
@@ -562,7 +562,7 @@ def _random_crop_flip(image, size, flip, rng):
 
 
 def _center_crop(image, size):
-  y, x = _center_window(image.shape[0], image.shape[1], size)
+  y, x = center_window(image.shape[0], image.shape[1], size)
   return image[y:y + size, x:x + size]
 
 
@@ -574,7 +574,7 @@ def _padding_example(size):
 # TFDS.
 
 
-def _tfds_source(tc, split: str):
+def tfds_source(tc, split: str):
   import tensorflow_datasets as tfds  # Lazy: heavy import, only needed here.
   data_dir = tc.tfds_data_dir or None
   try:
@@ -617,7 +617,7 @@ def _tfds_sequential_only_message(tfds, name: str, data_dir: str) -> str | None:
       "pip install apache-beam first).")
 
 
-def _tfds_label(example, label_key: str) -> int:
+def tfds_label(example, label_key: str) -> int:
   return int(np.asarray(example[label_key])) if label_key else 0
 
 
@@ -631,9 +631,9 @@ class _TfdsTrain(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     ex = self.source[element]
-    image = _resize_short_side(to_rgb_uint8(ex[self.image_key]), self.size)
+    image = resize_short_side(to_rgb_uint8(ex[self.image_key]), self.size)
     return _example(_random_crop_flip(image, self.size, self.flip, rng),
-                    _tfds_label(ex, self.label_key))
+                    tfds_label(ex, self.label_key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -647,8 +647,8 @@ class _TfdsEval(grain.transforms.Map):
     if _is_pad(element):
       return _padding_example(self.size)
     ex = self.source[element]
-    image = _resize_short_side(to_rgb_uint8(ex[self.image_key]), self.size)
-    return _example(_center_crop(image, self.size), _tfds_label(ex, self.label_key),
+    image = resize_short_side(to_rgb_uint8(ex[self.image_key]), self.size)
+    return _example(_center_crop(image, self.size), tfds_label(ex, self.label_key),
                     mask=True)
 
 
@@ -677,13 +677,13 @@ def _train_records_and_transform(dc):
     # Record i is photo i % P: every photo is equally frequent in an epoch.
     return [i % len(photos) for i in range(n)], _PhotoTrain(flip=flip, **_photo_args(dc))
   if dc.name == "folder":
-    scan = _scan_folder(dc.folder)
+    scan = scan_folder(dc.folder)
     if not scan.train:
       raise ValueError(f"folder dataset: no training images in {dc.folder.folder_path} "
                        f"(val_fraction={dc.folder.val_fraction})")
     return list(scan.train), _FolderTrain(size, flip)
   tc = dc.tfds
-  source = _tfds_source(tc, tc.train_split)
+  source = tfds_source(tc, tc.train_split)
   return list(range(len(source))), _TfdsTrain(source, tc.image_key, tc.label_key, size, flip)
 
 
@@ -696,9 +696,9 @@ def _eval_records_and_transform(dc):
                for (y, x, _, _) in p.val_windows]
     return records, _PhotoEval(**_photo_args(dc))
   if dc.name == "folder":
-    return list(_scan_folder(dc.folder).val), _FolderEval(size)
+    return list(scan_folder(dc.folder).val), _FolderEval(size)
   tc = dc.tfds
-  source = _tfds_source(tc, tc.val_split)
+  source = tfds_source(tc, tc.val_split)
   return list(range(len(source))), _TfdsEval(source, tc.image_key, tc.label_key, size)
 
 
@@ -719,13 +719,13 @@ def dataset_info(data_config) -> dict:
             "num_train": int(dc.photos.train_examples_per_epoch),
             "num_val": sum(len(p.val_windows) for p in photos), "num_skipped": 0}
   if dc.name == "folder":
-    scan = _scan_folder(dc.folder)
+    scan = scan_folder(dc.folder)
     return {"num_classes": len(scan.class_names), "class_names": list(scan.class_names),
             "num_segments": 0, "num_train": len(scan.train), "num_val": len(scan.val),
             "num_skipped": len(scan.skipped)}
   tc = dc.tfds
-  train = _tfds_source(tc, tc.train_split)
-  val = _tfds_source(tc, tc.val_split)
+  train = tfds_source(tc, tc.train_split)
+  val = tfds_source(tc, tc.val_split)
   class_names = []
   if tc.label_key:
     feature = train.dataset_info.features[tc.label_key]

@@ -76,12 +76,12 @@ class _SplitReader:
     return data.photo_layout(self.data_config)
 
   def _folder_entries(self):
-    scan = data._scan_folder(self.data_config.folder)
+    scan = data.scan_folder(self.data_config.folder)
     return scan.train if self.split == "train" else scan.val
 
   def _tfds(self):
     tc = self.data_config.tfds
-    return data._tfds_source(tc, tc.train_split if self.split == "train" else tc.val_split)
+    return data.tfds_source(tc, tc.train_split if self.split == "train" else tc.val_split)
 
   def num_base_windows(self):
     """Per source, how many deterministic windows it has (a list)."""
@@ -97,7 +97,7 @@ class _SplitReader:
   def _base_photo_windows(self, photo):
     if self.split == "validation":
       return photo.val_windows
-    return data._grid_windows(photo.train_box, self.size)
+    return data.grid_windows(photo.train_box, self.size)
 
   def load(self, source_index: int):
     """(uint8 image (H, W, 3), segmentation (H, W) or None, label, region, base windows)."""
@@ -109,14 +109,14 @@ class _SplitReader:
       return photo.image, photo.segmentation, source_index, region, windows
     if name == "folder":
       path, label = self._folder_entries()[source_index]
-      image = data._resize_short_side(data.decode_image(path, size), size)
+      image = data.resize_short_side(data.decode_image(path, size), size)
     else:
       tc = self.data_config.tfds
       example = self._tfds()[source_index]
-      image = data._resize_short_side(data.to_rgb_uint8(example[tc.image_key]), size)
-      label = data._tfds_label(example, tc.label_key)
+      image = data.resize_short_side(data.to_rgb_uint8(example[tc.image_key]), size)
+      label = data.tfds_label(example, tc.label_key)
     h, w = image.shape[:2]
-    center = data._center_window(h, w, size)
+    center = data.center_window(h, w, size)
     return image, None, label, (0, 0, h, w), [center]
 
 
@@ -141,14 +141,14 @@ class _MakeExample:
     else:
       rng = np.random.default_rng([self.seed, source_index, crop_index])
       ry, rx, rh, rw = region
-      dy, dx = data._random_window(rh, rw, size, rng)
+      dy, dx = data.random_window(rh, rw, size, rng)
       y, x = ry + dy, rx + dx
     crop = image[y:y + size, x:x + size]
     seg_crop = seg[y:y + size, x:x + size] if seg is not None else None
     if flipped:
       crop = crop[:, ::-1]
       seg_crop = seg_crop[:, ::-1] if seg_crop is not None else None
-    example = {"image": data._to_float(np.ascontiguousarray(crop)),
+    example = {"image": data.to_float(np.ascontiguousarray(crop)),
                "mask": np.bool_(True)}
     if self.reader.has_segmentation:
       example["segmentation"] = np.ascontiguousarray(seg_crop).astype(np.int32)
