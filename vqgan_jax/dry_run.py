@@ -33,6 +33,7 @@ how much is left for activations. The 1.4B GPT config rematerialises its blocks 
 """
 
 import dataclasses
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -263,8 +264,7 @@ def _image_batch(config, batch_size: int, data_input: str = "image", eval_mask=F
   if data_input == "segmentation":
     entries["segmentation"] = ((batch_size, size, size), jnp.int32)
   else:
-    entries["image"] = ((batch_size, size, size, int(config.model.in_channels)
-                         if "in_channels" in config.model else 3), jnp.float32)
+    entries["image"] = ((batch_size, size, size, int(config.model.in_channels)), jnp.float32)
   if eval_mask:
     entries["mask"] = ((batch_size,), jnp.bool_)
   return entries
@@ -443,7 +443,6 @@ def compile_stage2(config, mesh, chip, steps, stage1_config=None, hlo_dir=None,
 def _hlo_path(folder, step):
   if not folder:
     return None
-  import os  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   return os.path.join(folder, f"{step}.hlo.txt")
 
@@ -552,7 +551,6 @@ def main(argv):
     print(format_compile_report(result))
     if FLAGS.json:
       import json  # pylint: disable=g-import-not-at-top
-      import os  # pylint: disable=g-import-not-at-top
       os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
       with open(FLAGS.json, "w") as f:
         json.dump(result, f, indent=1)

@@ -298,7 +298,3 @@ def abstract_param_bytes(tree) -> int:
   """Largest single array (bytes) of a pytree: what one weight all-gather can move."""
   leaves = jax.tree_util.tree_leaves(tree)
   return max((int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves), default=0)
-
-
-def jnp_dtype(name: str):
-  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
