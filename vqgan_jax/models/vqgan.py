@@ -5,7 +5,13 @@ VQModel's methods are the quantizer API the rest of the project uses:
   encode_to_indices(x)    -> (B, h, w) int32 code indices
   decode(z_q)             -> images in [-1, 1] (not clipped; no tanh, as the reference)
   decode_indices(indices) -> images from (B, h, w) indices
-  codebook()              -> (n_embed, lookup_dim) codes as compared with latents
+  codebook()              -> (codebook_size, lookup_dim) codes as compared with latents
+
+The quantizer is `model.quantizer` of the config: "vq" (default, the paper's), "vq_ema",
+"fsq", "lfq" or "simvq" (see models/quantizer.py). vq_ema and simvq keep variables in
+the `vq_stats` collection (quantizer.QUANTIZER_STATE) that every apply must be given;
+lfq's q_loss includes its entropy penalty, and `__call__`'s output then carries the
+quantizer's scalar diagnostics under "q_metrics".
 
 `remat=True` recomputes each ResnetBlock and AttnBlock in the backward pass (the
 parameter tree is unchanged); every block's output is constrained to be split over the
@@ -20,7 +26,7 @@ import jax.numpy as jnp
 
 from vqgan_jax import sharding
 from vqgan_jax.models.layers import AttnBlock, Conv, conv2d, Downsample, Normalize, ResnetBlock, Upsample, swish
-from vqgan_jax.models.quantizer import VectorQuantizer
+from vqgan_jax.models import quantizer as quantizers
 
 
 def _pin(h: jax.Array) -> jax.Array:
@@ -117,7 +123,11 @@ def conv_out_apply(kernel: jax.Array, bias: jax.Array, features: jax.Array) -> j
 
 
 class VQModel(nn.Module):
-  """Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder."""
+  """Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder.
+
+  The quantizer (submodule `quantize`) is `quantizer`'s kind; n_embed is its size for
+  vq, vq_ema and simvq, and ignored by fsq (prod(fsq_levels) codes) and lfq (2**lfq_bits).
+  """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -135,6 +145,15 @@ class VQModel(nn.Module):
   l2_normalize: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  quantizer: str = "vq"
+  ema_decay: float = 0.99
+  ema_eps: float = 1e-5
+  fsq_levels: Sequence[int] = (8, 5, 5, 5)
+  lfq_bits: int = 10
+  lfq_entropy_weight: float = 0.1
+  lfq_commit_weight: float = 0.25
+  lfq_temperature: float = 0.01
+  lfq_entropy_group_bits: int = 10
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
@@ -145,8 +164,19 @@ class VQModel(nn.Module):
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     self.quant_conv = nn.Dense(self.embed_dim, name="quant_conv")
     self.post_quant_conv = nn.Dense(self.z_channels, name="post_quant_conv")
-    self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta,
-                                    self.codebook_dim or None, self.l2_normalize)
+    self.quantize = quantizers.build_quantizer(
+        self.quantizer, n_embed=self.n_embed, embed_dim=self.embed_dim, beta=self.beta,
+        legacy=self.legacy_beta, codebook_dim=self.codebook_dim,
+        l2_normalize=self.l2_normalize, ema_decay=self.ema_decay, ema_eps=self.ema_eps,
+        fsq_levels=tuple(self.fsq_levels), lfq_bits=self.lfq_bits,
+        lfq_entropy_weight=self.lfq_entropy_weight, lfq_commit_weight=self.lfq_commit_weight,
+        lfq_temperature=self.lfq_temperature,
+        lfq_entropy_group_bits=self.lfq_entropy_group_bits)
+
+  @property
+  def codebook_size(self) -> int:
+    return quantizers.codebook_size_of(self.quantizer, self.n_embed, self.fsq_levels,
+                                       self.lfq_bits)
 
   @property
   def downsample_factor(self) -> int:
@@ -154,7 +184,7 @@ class VQModel(nn.Module):
 
   def encode(self, x: jax.Array, train: bool = False) -> Tuple[jax.Array, jax.Array, Dict[str, Any]]:
     h = self.quant_conv(self.encoder(x, train).astype(jnp.float32))
-    return self.quantize(h)
+    return self.quantize(h, train)
 
   def encode_to_indices(self, x: jax.Array) -> jax.Array:
     return self.encode(x)[2]["indices"]
@@ -171,17 +201,27 @@ class VQModel(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> Dict[str, Any]:
     z_q, q_loss, info = self.encode(x, train)
     x_rec, features = self.decode(z_q, train, return_features=True)
-    return {"x_rec": x_rec, "features": features, "q_loss": q_loss,
-            "indices": info["indices"], "z_lookup": info["z_lookup"]}
+    out = {"x_rec": x_rec, "features": features, "q_loss": q_loss,
+           "indices": info["indices"], "z_lookup": info["z_lookup"]}
+    q_metrics = {k: v for k, v in info.items() if k not in ("indices", "z_lookup")}
+    if q_metrics:
+      out["q_metrics"] = q_metrics
+    return out
 
 
 def vqmodel_from_config(model_config, dtype=jnp.float32) -> VQModel:
-  """Builds VQModel from a `config.model` ConfigDict with reference yaml key names."""
+  """Builds VQModel from a `config.model` ConfigDict with reference yaml key names.
+
+  The quantizer keys (quantizer.QUANTIZER_DEFAULTS: `quantizer`, `fsq_levels`, ...) may
+  be absent (old configs): the defaults give the paper's VQ. Raises ValueError for a
+  quantizer that cannot be built, or whose codebook size is not model.n_embed.
+  """
   c = model_config
+  quantizers.make_quantizer(c)  # checks the quantizer keys against n_embed
   return VQModel(
       ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
       attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout, resolution=c.resolution,
       in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels,
       embed_dim=c.embed_dim, n_embed=c.n_embed, beta=c.beta, legacy_beta=c.legacy_beta,
       codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize, dtype=dtype,
-      remat=bool(c.get("remat", False)))
+      remat=bool(c.get("remat", False)), **quantizers.quantizer_options(c))
