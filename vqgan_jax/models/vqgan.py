@@ -9,7 +9,9 @@ VQModel's methods are the quantizer API the rest of the project uses:
 
 The quantizer is `model.quantizer` of the config: "vq" (default, the paper's), "vq_ema",
 "fsq", "lfq" or "simvq" (see models/quantizer.py). vq_ema and simvq keep variables in
-the `vq_stats` collection (quantizer.QUANTIZER_STATE) that every apply must be given;
+the `vq_stats` collection (quantizer.QUANTIZER_STATE) that every apply must be given
+(stored parameter trees keep it under a top-level "vq_stats" key: apply with
+`as_variables(params)`, see below);
 lfq's q_loss includes its entropy penalty, and `__call__`'s output then carries the
 quantizer's scalar diagnostics under "q_metrics".
 
@@ -207,6 +209,48 @@ class VQModel(nn.Module):
     if q_metrics:
       out["q_metrics"] = q_metrics
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Stored parameters <-> flax variables
+# ---------------------------------------------------------------------------------------
+# A stage-1 parameter tree *as stored* (trainer state, checkpoints' `model` item,
+# FrozenStage1.params) is the flax "params" collection plus, for quantizers with state
+# (vq_ema, simvq), the "vq_stats" collection under a top-level key of the same name:
+#     {"encoder": ..., "quantize": ..., ..., "vq_stats": {"quantize": {...}}}
+# vq, fsq and lfq have no such key, so their trees (and old checkpoints) are unchanged.
+# Every apply of a VQModel goes through `as_variables`.
+STATE_KEY = quantizers.QUANTIZER_STATE
+
+
+def split_state(params) -> Tuple[Any, Any]:
+  """(trainable params, vq_stats collection or {}) of a stored stage-1 tree."""
+  if STATE_KEY not in params:
+    return params, {}
+  return {k: v for k, v in params.items() if k != STATE_KEY}, params[STATE_KEY]
+
+
+def with_state(params, stats) -> Any:
+  """The stored tree of trainable params and a vq_stats collection (params when empty)."""
+  if not stats:
+    return params
+  return {**params, STATE_KEY: stats}
+
+
+def as_variables(params) -> Dict[str, Any]:
+  """Flax variables of a stored stage-1 tree: {"params": ..., "vq_stats": ...} (the
+  second only when the quantizer has state), for `VQModel.apply`."""
+  trainable, stats = split_state(params)
+  variables = {"params": trainable}
+  if stats:
+    variables[STATE_KEY] = stats
+  return variables
+
+
+def stored_params(variables) -> Any:
+  """The stored tree of a VQModel's variables (`model.init`'s output): the inverse of
+  `as_variables`."""
+  return with_state(variables["params"], variables.get(STATE_KEY, {}))
 
 
 def vqmodel_from_config(model_config, dtype=jnp.float32) -> VQModel:
