@@ -18,11 +18,11 @@ LIBTPU := libtpu==0.0.42.1
 
 .PHONY: demo test test-fast install taming-reference tpu-tools clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-lock.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c requirements-lock.txt
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt

@@ -4,10 +4,11 @@
       [--config.num_train_steps=100 --config.batch_size=8 ...]
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from vqgan_jax import stage1_trainer
+from vqgan_jax import cli
+from vqgan_jax.training import stage1 as stage1_trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Stage-1 config file.", lock_config=True)
@@ -21,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

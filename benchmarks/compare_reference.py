@@ -312,7 +312,7 @@ class Ours:
     jax = self.jax
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from configs import vqgan_default  # pylint: disable=g-import-not-at-top
-    from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+    from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
     c = CONFIG_A
     config = vqgan_default.get_config()
     for key in ("ch", "num_res_blocks", "resolution", "in_channels", "out_ch", "z_channels",

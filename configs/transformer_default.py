@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Logging, evaluation, checkpoints ---
   config.log_every_steps = 50
+  # > 0: write a profiler trace of that many steps (after step 10) for TensorBoard.
+  config.profile_steps = 0
   config.eval_every_steps = 1000
   config.num_eval_batches = 8          # 0: the whole val split
   config.eval_batch_size = 16

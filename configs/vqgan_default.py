@@ -28,7 +28,20 @@ def get_config() -> ml_collections.ConfigDict:
   m.legacy_beta = True          # True: reference placement of beta; False: VQ-VAE placement
   m.codebook_dim = 0            # >0: look codes up in this low dimension (ViT-VQGAN/LlamaGen)
   m.l2_normalize = False        # compare l2-normalised latents and codes
-  m.restart_dead_codes = False  # replace codes unused for a while by batch latents
+  # Quantizer (vqgan_jax/models/quantizer.py). n_embed must equal the codebook size:
+  # prod(fsq_levels) for fsq, 2**lfq_bits for lfq.
+  m.quantizer = "vq"            # "vq" (paper) | "vq_ema" (EMA codebook, VQ-VAE-2) | "fsq"
+                                # (finite scalar quantization) | "lfq" (lookup-free,
+                                # MAGVIT-v2) | "simvq" (frozen random basis @ learned W)
+  m.ema_decay = 0.99            # vq_ema: EMA decay of cluster sizes and code sums
+  m.ema_eps = 1e-5              # vq_ema: Laplace smoothing of cluster sizes
+  m.fsq_levels = (8, 5, 5, 5)   # fsq: levels per latent channel (here 1000 codes)
+  m.lfq_bits = 10               # lfq: latent channels = bits (here 1024 codes)
+  m.lfq_entropy_weight = 0.1    # lfq: weight of (per-sample - codebook) entropy in q_loss
+  m.lfq_commit_weight = 0.25    # lfq: weight of the commitment loss in q_loss
+  m.lfq_temperature = 0.01      # lfq: softmax temperature of the soft code assignment
+  m.lfq_entropy_group_bits = 10  # lfq: entropy over bit groups of at most this many bits
+  m.restart_dead_codes = False  # vq only: replace codes unused for a while by batch latents
   m.dead_code_decay = 0.99      # EMA decay of per-code usage counts
   m.dead_code_threshold = 0.03  # restart a code when its EMA count per step falls below this
   m.remat = False               # recompute each ResnetBlock/AttnBlock in the backward pass
@@ -78,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Logging, evaluation, checkpoints ---
   config.log_every_steps = 50
+  # > 0: write a profiler trace of that many steps (after step 10) for TensorBoard.
+  config.profile_steps = 0
   config.eval_every_steps = 1000      # val metrics + reconstruction grid (PNG + TensorBoard)
   config.num_eval_batches = 8          # 0: the whole val split
   config.eval_batch_size = 16

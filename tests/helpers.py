@@ -34,7 +34,7 @@ def tiny_stage1_config():
 
 def build_stage1_workdir(workdir: str, config=None) -> str:
   """Trains the tiny config for its 2 steps in `workdir` (checkpoint at step 2)."""
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
   config = config if config is not None else tiny_stage1_config()
   stage1_trainer.train_and_evaluate(config, os.fspath(workdir))
   return os.fspath(workdir)

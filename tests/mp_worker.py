@@ -266,7 +266,7 @@ def _named_leaves(tree):
 
 
 def check_stage1(results):
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
   config = stage1_config(batch_size=8)
   devices = jax.devices()
   rng = np.random.default_rng(0)
@@ -330,7 +330,7 @@ def gpt_config():
 
 
 def check_gpt(results):
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage2 as stage2_trainer  # pylint: disable=g-import-not-at-top
   config = gpt_config()
   first = _tiny_frozen_stage1()
   rng = np.random.default_rng(1)
@@ -425,7 +425,8 @@ def _quantizer_with_sharded_lookup_equal(mesh) -> bool:
 
 def check_checkpoints(results, single, host_state, tmpdir):
   """Stage-1 state saved from an 8-device mesh restores on 1 device, and vice versa."""
-  from vqgan_jax import checkpointing, stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
   config = stage1_config()
   wide = stage1_trainer.Stage1Runner(config, sharding.make_mesh(mesh_config((2, 2, 2))))
   out = results["checkpoints"] = {}
@@ -498,7 +499,7 @@ def run_train(process_id, num_processes, port, workdir, steps, out_path):
   assert os.environ["JAX_COORDINATOR_ADDRESS"] == f"127.0.0.1:{port}"
   assert os.environ["JAX_NUM_PROCESSES"] == str(num_processes)
   assert os.environ["JAX_PROCESS_ID"] == str(process_id)
-  from vqgan_jax import stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
   results = {"distributed_before_training": jax.distributed.is_initialized()}
   t0 = time.time()
   config = stage1_config(batch_size=8)
@@ -527,7 +528,8 @@ def run_train(process_id, num_processes, port, workdir, steps, out_path):
 
 def run_resume(workdir, steps, out_path):
   """A single process (its local devices only) resumes a stage-1 workdir up to `steps`."""
-  from vqgan_jax import checkpointing, stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
   stage1 = os.path.join(workdir, "stage1")
   before = checkpointing.latest_step(stage1)
   manager = checkpointing.make_manager(stage1, read_only=True)
@@ -549,7 +551,7 @@ def run_resume(workdir, steps, out_path):
   results["trainer_step"] = int(restored["trainer"].step)
   stage2 = os.path.join(workdir, "stage2")
   if os.path.isdir(stage2):  # the 2-process GPT (trained on (1, 2, 2)) goes on here too
-    from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+    from vqgan_jax.training import stage2 as stage2_trainer  # pylint: disable=g-import-not-at-top
     t0 = time.time()
     c2 = stage2_run_config(workdir, 3)  # mesh data=-1: all local devices
     metrics2 = stage2_trainer.train_and_evaluate(c2, stage2)
@@ -570,7 +572,9 @@ def run_preempt(process_id, num_processes, port, workdir, signal_at, out_path):
   from SIGNAL_AT on take 0.25 s so that the notice (polled about once a second) lands
   well before the 50 steps end."""
   sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
-  from vqgan_jax import checkpointing, stage1_trainer, train_utils  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import utils as train_utils  # pylint: disable=g-import-not-at-top
   original = stage1_trainer.Stage1Runner.train_step
   current = {"signal": None}
 

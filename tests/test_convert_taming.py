@@ -4,7 +4,7 @@ tests/taming_reference.py runs once (module fixture) in the reference venv: it b
 taming VQModel / Net2NetTransformer models with random weights, saves Lightning-style
 checkpoints with their yaml configs and records the reference outputs. Here (no torch)
 `vqgan_jax.convert_taming` converts them, the workdirs are loaded through the project's
-own loaders (`checkpointing.load_stage1`, `stage2_trainer.load_stage2`) and every output
+own loaders (`checkpointing.load_stage1`, `handoff.load_stage2`) and every output
 is compared: encoder output, code indices, decoder output, discriminator logits, the
 transformer's logits over image codes and greedy samples.
 
@@ -24,7 +24,11 @@ import numpy as np
 import pytest
 import yaml
 
-from vqgan_jax import checkpointing, convert_taming, sampling, stage1_trainer, stage2_trainer
+from vqgan_jax import handoff
+from vqgan_jax import conditioning
+from vqgan_jax import checkpointing, convert_taming, sampling
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import stage2 as stage2_trainer
 from vqgan_jax import torch_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +79,7 @@ def max_diff(a, b):
 
 def encode(frozen, x):
   """Code indices of x under a restored VQGAN, jitted (one compile, not one per op)."""
-  return jax.jit(lambda p, x: stage2_trainer.encode(frozen.model, p, x))(frozen.params, x)
+  return jax.jit(lambda p, x: handoff.encode(frozen.model, p, x))(frozen.params, x)
 
 
 def _load_config_file(path):
@@ -222,17 +226,17 @@ def test_without_keep_discriminator_the_loss_keys_are_dropped(ref):
 def _condition(loaded, ref, name, x):
   layout, b = loaded.layout, x.shape[0]
   if name == "uncond":
-    return stage2_trainer.condition_tokens(layout, b), None
+    return conditioning.condition_tokens(layout, b), None
   if name == "class":
-    return stage2_trainer.condition_tokens(layout, b, labels=ref["labels"]), None
+    return conditioning.condition_tokens(layout, b, labels=ref["labels"]), None
   cond = loaded.cond_stage
   codes = encode(cond, nhwc(ref["segmentation"]))
-  return stage2_trainer.condition_tokens(layout, b, cond_codes=codes), codes
+  return conditioning.condition_tokens(layout, b, cond_codes=codes), codes
 
 
 @pytest.mark.parametrize("name", ["uncond", "class", "spatial"])
 def test_transformer_parity_through_load_stage2(ref, converted, name):
-  loaded = stage2_trainer.load_stage2(converted[name])
+  loaded = handoff.load_stage2(converted[name])
   layout, first = loaded.layout, loaded.first_stage
   x = nhwc(ref["vq_x"])
   image = np.asarray(encode(first, x)).reshape(2, -1)
@@ -256,7 +260,7 @@ def test_transformer_parity_through_load_stage2(ref, converted, name):
 
 def test_transformer_workdir_config_vocab_and_resume_state(converted):
   workdir = converted["class"]
-  loaded = stage2_trainer.load_stage2(workdir)
+  loaded = handoff.load_stage2(workdir)
   assert loaded.step == 4321 and loaded.layout.num_classes == 10
   assert loaded.layout.range("class") == (64, 74)
   config = _load_config_file(os.path.join(workdir, "config.py"))
@@ -321,8 +325,8 @@ def test_bad_inputs_fail_naming_the_file_or_key_and_write_nothing(ref, tmp_path)
   with pytest.raises(convert_taming.ConversionError, match="not empty.*--overwrite"):
     convert_taming.convert(os.path.join(d, "vqgan.ckpt"), os.path.join(d, "vqgan.yaml"), out)
   assert os.listdir(out) == ["keep.txt"]
-  assert convert_taming.main(["--ckpt", os.path.join(d, "legacy.ckpt"), "--config",
-                              os.path.join(d, "vqgan.yaml"), "--output", out]) == 1
+  with pytest.raises(convert_taming.ConversionError):
+    convert_taming.convert(os.path.join(d, "legacy.ckpt"), os.path.join(d, "vqgan.yaml"), out)
   assert os.listdir(out) == ["keep.txt"]
   assert sorted(_no_leftovers(str(tmp_path), "out")) == ["out"]
   convert_taming.convert(os.path.join(d, "vqgan.ckpt"), os.path.join(d, "vqgan.yaml"), out,

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -256,19 +255,7 @@ def test_generated_image_metrics():
   assert "kid_skipped" in only_stats and "inception_score_skipped" in only_stats
 
 
-def _install_stage2(monkeypatch, module):
-  import vqgan_jax
-  monkeypatch.setitem(sys.modules, "vqgan_jax.stage2_trainer", module)
-  monkeypatch.setattr(vqgan_jax, "stage2_trainer", module, raising=False)
-
-
-def test_evaluate_stage2_needs_load_stage2(config, monkeypatch, tmp_path):
-  _install_stage2(monkeypatch, types.ModuleType("vqgan_jax.stage2_trainer"))
-  with pytest.raises(NotImplementedError, match="load_stage2"):
-    eval_lib.evaluate_stage2(config, str(tmp_path))
-
-
-def test_evaluate_stage2_with_a_fake_model(config, monkeypatch, tmp_path):
+def test_evaluate_stage2_with_a_fake_model(tmp_path):
   """The stage-2 evaluation wiring with a stand-in model and feature function."""
   v, images = 32, np.random.default_rng(0).uniform(-1, 1, (24, 16, 16, 3)).astype(np.float32)
 
@@ -285,13 +272,11 @@ def test_evaluate_stage2_with_a_fake_model(config, monkeypatch, tmp_path):
       for s in range(0, num_samples, batch_size):
         yield images[s:s + batch_size]
 
-  module = types.ModuleType("vqgan_jax.stage2_trainer")
-  module.load_stage2 = lambda workdir, step=None: FakeStage2()
-  _install_stage2(monkeypatch, module)
   stage2_config = helpers.tiny_stage1_config()
   stage2_config.stage = "transformer"
   results = eval_lib.evaluate_stage2(stage2_config, str(tmp_path), num_samples=24,
-                                     batch_size=8, feature_fn=helpers.mock_feature_fn())
+                                     batch_size=8, feature_fn=helpers.mock_feature_fn(),
+                                     model=FakeStage2())
   np.testing.assert_allclose(results["bits_per_token"], math.log2(v), rtol=1e-6)
   for key in ("fid", "inception_score", "kid", "precision", "recall", "sample_grid"):
     assert key in results, key

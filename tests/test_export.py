@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 
 import helpers
-from vqgan_jax import checkpointing, data, train_utils
+from vqgan_jax import visualize
+from vqgan_jax import checkpointing, data
+from vqgan_jax import decode_tokens
 from vqgan_jax import export_tokens as export_lib
-from vqgan_jax import tokens as tokens_lib
+from vqgan_jax.data import tokens as tokens_lib
 from vqgan_jax.models import vqgan
 
 BATCH = 8
@@ -202,9 +204,9 @@ def test_decode_command_writes_pngs_equal_to_direct_decoding(exported, workdir, 
                                                              tmp_path):
   out, _ = exported
   png_dir = tmp_path / "png"
-  assert tokens_lib.main(["decode", "--tokens", out, "--split", "validation", "--workdir",
-                          workdir, "--output", str(png_dir), "--limit", "10",
-                          "--batch_size", str(BATCH)]) == 0
+  paths = decode_tokens.decode_command(out, str(png_dir), workdir=workdir, split="validation",
+                                      limit=10, batch_size=BATCH)
+  assert len(paths) == 10
   files = sorted(os.listdir(png_dir))
   assert files == [f"{i:06d}.png" for i in range(10)]
   source = tokens_lib.TokenSource(out, "validation")
@@ -214,7 +216,7 @@ def test_decode_command_writes_pngs_equal_to_direct_decoding(exported, workdir, 
                                                    method=vqgan.VQModel.decode_indices))
   direct = np.concatenate([np.asarray(decode(frozen.params, padded[s:s + BATCH]))
                            for s in (0, BATCH)])[:10]
-  expected = train_utils.to_uint8(np.clip(direct, -1, 1))
+  expected = visualize.to_uint8(np.clip(direct, -1, 1))
   written = np.stack([np.asarray(Image.open(png_dir / f)) for f in files])
   np.testing.assert_array_equal(written, expected)
 

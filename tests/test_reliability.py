@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from configs import vqgan_tiny
-from vqgan_jax import checkpointing, sharding, stage1_trainer, train_utils
+from vqgan_jax import checkpointing, sharding
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import utils as train_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,9 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from configs import transformer_default
 from tests import helpers
-from vqgan_jax import checkpointing, config_lib, sharding, stage1_trainer, stage2_trainer
+from vqgan_jax import checkpointing, config_lib, sharding
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import stage2 as stage2_trainer
 from vqgan_jax.models import transformer, vqgan
 
 GPT_CFG = dict(vocab_size=40, block_size=16, n_layer=3, n_head=2, n_embd=32)

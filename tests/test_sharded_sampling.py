@@ -20,6 +20,7 @@ import sys
 import pytest
 
 import mp_worker
+from vqgan_jax import conditioning, handoff
 
 TIMEOUT_S = 300
 N_CODES = 48
@@ -94,7 +95,7 @@ def _tiny_stage2_model():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import transformer_tiny, vqgan_default  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import checkpointing, stage2_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   s1 = vqgan_default.get_config()
   m = s1.model
@@ -114,7 +115,7 @@ def _tiny_stage2_model():
   config.crop_tokens = 4
   config.sampling.cfg_scale = 2.0
   config.sampling.top_k = 8
-  setup = stage2_trainer.Stage2Setup(config, first, num_classes=3)
+  setup = handoff.Stage2Sequences(config, first, num_classes=3)
   shapes = jax.eval_shape(setup.gpt.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, setup.seq_len), jnp.int32))["params"]
   params = jax.tree_util.tree_map_with_path(
@@ -123,7 +124,7 @@ def _tiny_stage2_model():
   metadata = {"sequence": {"window": list(setup.window), "token_grid": list(setup.grid),
                            "prefix_len": setup.prefix_len},
               "vocab": setup.layout.to_dict()}
-  return stage2_trainer.Stage2Model(model=setup.gpt, params=params, config=config,
+  return handoff.Stage2Model(model=setup.gpt, params=params, config=config,
                                     metadata=metadata, step=0, layout=setup.layout,
                                     first_stage=first, cond_stage=None)
 
@@ -231,8 +232,8 @@ def test_eval_batch_size_error_names_setting_and_nearest(pod_mesh, tmp_path):
 
 
 def test_sample_batch_size_error(pod_mesh):
-  from vqgan_jax import sample, stage2_trainer  # pylint: disable=g-import-not-at-top
-  metadata = {"vocab": stage2_trainer.VocabLayout.build("none", 32).to_dict()}
+  from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
+  metadata = {"vocab": conditioning.VocabLayout.build("none", 32).to_dict()}
   opts = sample.SamplingOptions(batch_size=7)
   with pytest.raises(ValueError, match=r"^--batch_size=7 does not split .*nearest valid: 8$"):
     sample.check_options(metadata, opts, pod_mesh)

@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 
 import mp_worker
+from vqgan_jax.training import optim
+from vqgan_jax import handoff
+from vqgan_jax import conditioning
 from vqgan_jax import dry_run, sharding
 from vqgan_jax.models import quantizer
 
@@ -39,11 +42,11 @@ def _padded(spec, ndim):
 
 def gpt_abstract_state(n_embd=256, vocab=512):
   """Abstract Stage2State of a GPT big enough for FSDP (arrays >= FSDP_MIN_SIZE)."""
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage2 as stage2_trainer  # pylint: disable=g-import-not-at-top
   config = mp_worker.gpt_config()
   config.model.n_embd, config.model.vocab_size = n_embd, vocab
-  gpt = stage2_trainer.build_gpt(config, stage2_trainer.layout_for(config, 32), 1, 16)
-  tx = stage2_trainer.make_optimizer(config)
+  gpt = handoff.build_gpt(config, conditioning.layout_for(config, 32), 1, 16)
+  tx = optim.make_optimizer(config)
 
   def init(rng):
     params = gpt.init(rng, jnp.zeros((1, 16), jnp.int32))["params"]
@@ -96,7 +99,7 @@ def test_rule_axis_that_does_not_divide_stays_unsharded():
 
 
 def test_vqgan_rules_shard_convs_over_fsdp_and_codebook_over_tensor():
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
   setup = stage1_trainer.Stage1Setup(mp_worker.stage1_config())
   state = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(state, dry_run.abstract_mesh((2, 4, 1)),

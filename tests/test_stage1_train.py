@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import vqgan_tiny
-from vqgan_jax import checkpointing, config_lib, stage1_trainer
+from vqgan_jax import checkpointing, config_lib
+from vqgan_jax.training import stage1 as stage1_trainer
 
 
 def tiny_config():

@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 
 from configs import transformer_tiny, vqgan_default
-from vqgan_jax import checkpointing, config_lib, sample, sampling, stage2_trainer
+from vqgan_jax.training import optim
+from vqgan_jax import handoff
+from vqgan_jax import conditioning
+from vqgan_jax import checkpointing, config_lib, sample, sampling, sharding
+from vqgan_jax.training import stage2 as stage2_trainer
 from vqgan_jax.models import transformer, vqgan
-from vqgan_jax.stage2_trainer import VocabLayout
+from vqgan_jax.conditioning import VocabLayout
 
 N_CODES = 32      # tiny stage-1 codebook
 SEG_CODES = 16    # tiny conditioning-VQGAN codebook
@@ -137,13 +141,13 @@ def test_vocab_ranges_are_disjoint_and_sized():
     assert spans[-1][1] == vocab, name
     assert VocabLayout.from_dict(layout.to_dict()) == layout
   lay = cases["class+null"][0]
-  toks = np.asarray(stage2_trainer.condition_tokens(lay, 3, labels=jnp.array([0, 6, 7])))
+  toks = np.asarray(conditioning.condition_tokens(lay, 3, labels=jnp.array([0, 6, 7])))
   assert toks[:, 0].tolist() == [100, 106, 107] and lay.null_id == 107
   lay = cases["spatial"][0]
-  toks = np.asarray(stage2_trainer.condition_tokens(lay, 2, cond_codes=jnp.full((2, 8, 8), 49)))
+  toks = np.asarray(conditioning.condition_tokens(lay, 2, cond_codes=jnp.full((2, 8, 8), 49)))
   assert toks.shape == (2, 64) and np.all(toks == 149)
   lay = cases["coord"][0]
-  toks = np.asarray(stage2_trainer.condition_tokens(
+  toks = np.asarray(conditioning.condition_tokens(
       lay, 3, origins=(jnp.array([0, 4, 8]), jnp.array([8, 0, 4])), spans=(8, 8)))
   assert toks.tolist() == [[100, 117], [104, 109], [108, 113]]
   assert np.all((toks >= lay.offset("coord")) & (toks < lay.vocab_size))
@@ -152,7 +156,7 @@ def test_vocab_ranges_are_disjoint_and_sized():
 
 def test_loss_mask_excludes_condition_positions():
   p, n, vocab = 3, 4, 11
-  mask = np.asarray(stage2_trainer.loss_mask(p, n))
+  mask = np.asarray(conditioning.loss_mask(p, n))
   assert mask.tolist() == [False, False, True, True, True, True]
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(2, p + n - 1, vocab)), jnp.float32)
@@ -174,14 +178,14 @@ def test_pkeep_replaces_only_image_tokens_and_only_by_codes():
   image = jnp.full((8, n), 7, jnp.int32)
   tokens = jnp.concatenate([prefix, image], axis=1)
   key = jax.random.PRNGKey(0)
-  out = np.asarray(stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 0.0, key))
+  out = np.asarray(conditioning.corrupt_image_tokens(tokens, p, n_codes, 0.0, key))
   np.testing.assert_array_equal(out[:, :p], np.asarray(prefix))
   assert np.all((out[:, p:] >= 0) & (out[:, p:] < n_codes))
   assert np.mean(out[:, p:] != 7) > 0.9          # nearly all replaced (a few draw 7 again)
-  half = np.asarray(stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 0.5, key))
+  half = np.asarray(conditioning.corrupt_image_tokens(tokens, p, n_codes, 0.5, key))
   np.testing.assert_array_equal(half[:, :p], np.asarray(prefix))
   assert 0.4 < np.mean(half[:, p:] != 7) < 0.6
-  same = stage2_trainer.corrupt_image_tokens(tokens, p, n_codes, 1.0, key)
+  same = conditioning.corrupt_image_tokens(tokens, p, n_codes, 1.0, key)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(tokens))
 
 
@@ -195,7 +199,7 @@ def test_paper_config_parameter_counts():
     config.first_stage.workdir = "/placeholder"
     config.cond.cond_stage_workdir = "/placeholder" if config.cond.kind == "spatial" else ""
     config_lib.validate_transformer_config(config)
-    gpt, layout, prefix, n = stage2_trainer.stated_model(config)
+    gpt, layout, prefix, n = handoff.stated_model(config)
     shapes = jax.eval_shape(lambda: gpt.init(jax.random.PRNGKey(0),  # pylint: disable=cell-var-from-loop
                                              jnp.zeros((1, prefix + n - 1), jnp.int32)))
     count = transformer.count_params(shapes)
@@ -203,7 +207,7 @@ def test_paper_config_parameter_counts():
                                                 gpt.n_embd)
     assert abs(count / target - 1) < 0.03, (name, count)
   cfg = importlib.import_module("configs.transformer_imagenet_cond").get_config()
-  gpt, layout, prefix, n = stage2_trainer.stated_model(cfg)
+  gpt, layout, prefix, n = handoff.stated_model(cfg)
   assert (layout.vocab_size, prefix + n) == (16384 + 1000, 257)
 
 
@@ -211,7 +215,7 @@ def test_weight_decay_only_on_dense_kernels():
   gpt = transformer.GPT(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
   params = jax.eval_shape(gpt.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
   flat = {"/".join(str(k.key) for k in path): v for path, v in
-          jax.tree_util.tree_flatten_with_path(stage2_trainer.decay_mask(params["params"]))[0]}
+          jax.tree_util.tree_flatten_with_path(optim.decay_mask(params["params"]))[0]}
   decayed = sorted(k for k, v in flat.items() if v)
   assert decayed == sorted(["head/kernel"] + [f"blocks_0/{m}/kernel" for m in (
       "attn/key", "attn/query", "attn/value", "attn/proj", "mlp/fc", "mlp/proj")])
@@ -229,7 +233,7 @@ def test_coord_sliding_window_equals_plain_sampler_when_grid_is_window():
   key = jax.random.PRNGKey(5)
   grid = sample.sample_sliding_window_coord(params, gpt, layout, 2, 2, 2, 2, 3, key,
                                             num_image_codes=12)
-  prefix = stage2_trainer.condition_tokens(layout, 3, origins=(jnp.zeros(3, jnp.int32),) * 2,
+  prefix = conditioning.condition_tokens(layout, 3, origins=(jnp.zeros(3, jnp.int32),) * 2,
                                            spans=(0, 0))
   plain = sampling.sample(params, gpt, prefix, 4, key, num_image_codes=12)
   np.testing.assert_array_equal(np.asarray(grid).reshape(3, 4), np.asarray(plain))
@@ -250,7 +254,7 @@ def test_sequences_for_spatial_and_coord_conditioning(stage1_dir, seg_dir):
   from vqgan_jax import data  # pylint: disable=g-import-not-at-top
   config = tiny_stage2_config(stage1_dir, "spatial", **{"cond.cond_stage_workdir": seg_dir})
   config_lib.validate_transformer_config(config)
-  first, cond = stage2_trainer.load_frozen_stages(config)
+  first, cond = handoff.load_frozen_stages(config)
   setup = stage2_trainer.Stage2Setup(config, first, cond)
   layout = setup.layout
   assert layout.vocab_size == N_CODES + SEG_CODES and setup.prefix_len == 64
@@ -285,29 +289,52 @@ def test_training_metrics_and_checkpoint_metadata(class_run, stage1_dir):
     assert np.isfinite(metrics[key]), key
   assert metrics["val_bits_per_token"] == pytest.approx(metrics["val_loss"] / np.log(2))
   assert 0 < metrics["unigram_entropy_bits"] <= np.log2(N_CODES) + 1e-6
-  meta, step = stage2_trainer.read_stage2_metadata(workdir)
+  meta, step = handoff.read_stage2_metadata(workdir)
   assert step == 3 and meta["stage"] == "transformer" and meta["attention"] == "softmax"
   assert meta["vocab"]["ranges"]["image"] == [0, N_CODES]
   assert meta["vocab"]["ranges"]["class"] == [N_CODES, N_CODES + 7]
   assert meta["vocab"]["ranges"]["null_class"] == [N_CODES + 7, N_CODES + 8]
-  assert meta["first_stage"] == {"workdir": os.path.abspath(stage1_dir), "step": 2,
-                                 "n_embed": N_CODES, "latent_grid": [8, 8],
-                                 "downsample_factor": 2}
+  recorded = dict(meta["first_stage"])
+  assert len(recorded.pop("fingerprint")) == 16
+  assert recorded == {"workdir": os.path.abspath(stage1_dir), "step": 2,
+                      "relative_workdir": os.path.relpath(stage1_dir, workdir),
+                      "n_embed": N_CODES, "latent_grid": [8, 8], "downsample_factor": 2}
   assert meta["config"]["cond"]["kind"] == "class"
-  loaded = stage2_trainer.load_stage2(workdir)
+  loaded = handoff.load_stage2(workdir)
   assert loaded.model.vocab_size == N_CODES + 8 and loaded.model.block_size == 65
   assert loaded.first_stage.n_embed == N_CODES and loaded.cond_stage is None
   # Frozen VQGAN parameters are not part of the stage-2 checkpoint.
   assert "encoder" not in loaded.params and "blocks_0" in loaded.params
   with pytest.raises(checkpointing.CheckpointError, match="'linear'"):
-    stage2_trainer.load_stage2(workdir, attention="linear")
+    handoff.load_stage2(workdir, attention="linear")
+
+
+def test_a_moved_run_finds_its_vqgan_and_refuses_another(class_run, stage1_dir, tmp_path):
+  """A stage-2 run copied together with its VQGAN (same relative layout) loads after the
+  original folders are gone; another VQGAN at the same step is refused by fingerprint,
+  and a missing one names the override flag."""
+  workdir, _, _ = class_run
+  moved = tmp_path / "elsewhere"
+  shutil.copytree(stage1_dir, moved / "s1")
+  shutil.copytree(workdir, moved / "s2")
+  meta, _ = handoff.read_stage2_metadata(str(moved / "s2"))
+  record = dict(meta["first_stage"], workdir="/nonexistent/s1", relative_workdir="../s1")
+  frozen = handoff.load_recorded_stage1(str(moved / "s2"), record, None,
+                                        "--first_stage_workdir")
+  assert frozen.step == 2 and frozen.n_embed == N_CODES
+  with pytest.raises(checkpointing.CheckpointError, match="--first_stage_workdir=DIR"):
+    handoff.load_recorded_stage1(str(moved / "s2"), dict(record, relative_workdir="../gone"),
+                                 None, "--first_stage_workdir")
+  with pytest.raises(checkpointing.CheckpointError, match="codebook differs"):
+    handoff.load_recorded_stage1(str(moved / "s2"), dict(record, fingerprint="0" * 16),
+                                 str(moved / "s1"), "--first_stage_workdir")
 
 
 def test_resume_continues_from_checkpoint(class_run, tmp_path, monkeypatch):
   src, config, _ = class_run
   workdir = str(tmp_path / "resumed")
   shutil.copytree(src, workdir)
-  saved = stage2_trainer.load_stage2(workdir)
+  saved = handoff.load_stage2(workdir)
   seen = []
   original = stage2_trainer.Stage2Runner.train_step
 
@@ -325,7 +352,7 @@ def test_resume_continues_from_checkpoint(class_run, tmp_path, monkeypatch):
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(saved.params))
   manager = checkpointing.make_manager(workdir, read_only=True)
   assert sorted(manager.all_steps()) == [3, 5]
-  assert stage2_trainer.read_stage2_metadata(workdir)[0]["step"] == 5
+  assert handoff.read_stage2_metadata(workdir)[0]["step"] == 5
 
 
 # ----- bad input fails before anything is compiled ------------------------------------------
@@ -415,11 +442,12 @@ def exported_tokens(stage1_dir, tmp_path_factory):
 
 
 def test_a_step_on_exported_tokens_equals_a_step_on_images(stage1_dir, exported_tokens):
-  from vqgan_jax import data, tokens  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.data import tokens  # pylint: disable=g-import-not-at-top
   config = tiny_stage2_config(stage1_dir, tokens_dir=exported_tokens, pkeep=0.5)
   config_lib.validate_transformer_config(config)
-  first, _ = stage2_trainer.load_frozen_stages(config)
-  stage2_trainer.check_exported_tokens(config, first)
+  first, _ = handoff.load_frozen_stages(config)
+  handoff.check_exported_tokens(config, first)
   runner = stage2_trainer.Stage2Runner(config, first, num_classes=7)
   # The validation records are the eval iterator's examples in the same order.
   images = next(iter(data.make_eval_iterator(config.data, batch_size=4)))
@@ -455,7 +483,7 @@ def test_training_from_exported_tokens(stage1_dir, exported_tokens, tmp_path, mo
   # Every batch, train and eval, came from the exported tokens, none from images.
   assert seen and all("tokens" in keys and "image" not in keys for _, keys in seen)
   assert {e for e, _ in seen} == {True, False}
-  meta, step = stage2_trainer.read_stage2_metadata(str(tmp_path / "gpt"))
+  meta, step = handoff.read_stage2_metadata(str(tmp_path / "gpt"))
   assert step == 2 and meta["config"]["tokens_dir"] == exported_tokens
 
 
@@ -468,3 +496,35 @@ def test_exported_tokens_from_another_checkpoint_are_refused(stage1_dir, exporte
   config = tiny_stage2_config(stage1_dir, tokens_dir=str(tmp_path / "nothing"))
   with pytest.raises(config_lib.ConfigError, match="nothing"):
     stage2_trainer.train_and_evaluate(config, str(tmp_path / "w2"))
+
+
+# ----- evaluation of every conditioning kind ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["none", "class", "spatial", "coord"])
+def test_eval_runs_on_every_conditioning(kind, class_run, stage1_dir, seg_dir, tmp_path):
+  """`evaluate_stage2` on a briefly trained checkpoint of each kind: bits/token and the
+  sample metrics (spatial: the val split's maps; coord: drawn origins) are all there and
+  finite; FID of the val features against themselves is ~0."""
+  import helpers  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
+  from vqgan_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  if kind == "class":
+    workdir, config, _ = class_run
+  else:
+    extra = {"cond.cond_stage_workdir": seg_dir} if kind == "spatial" else {}
+    if kind == "coord":
+      extra = {"crop_tokens": 4, "cond.coord_grid": 5}
+    config = tiny_stage2_config(stage1_dir, kind, num_train_steps=2, unigram_batches=0,
+                                **extra)
+    workdir = str(tmp_path / kind)
+    stage2_trainer.train_and_evaluate(config, workdir)
+  feature_fn = helpers.mock_feature_fn()
+  results = eval_lib.evaluate_stage2(config, workdir, num_samples=8, batch_size=8,
+                                     feature_fn=feature_fn, write=False)
+  for key in ("bits_per_token", "fid", "inception_score", "kid", "precision", "recall"):
+    assert key in results and np.isfinite(results[key]), (key, results)
+  assert results["num_samples"] == 8 and results["stage"] == "transformer"
+  real, _ = eval_lib.collect_features(feature_fn, eval_lib.val_batches(
+      config.data, sharding.make_mesh(config.mesh), 8))
+  assert eval_lib.generated_image_metrics(real, real_pool=real)["fid"] == pytest.approx(
+      0.0, abs=1e-6)

@@ -118,7 +118,7 @@ def test_low_dim_l2_lookup_and_index_api():
 
 def test_adaptive_weight_matches_independent_gradients():
   """lambda from the trainer's one-backward trick equals norms of direct jax.grad."""
-  from vqgan_jax import stage1_trainer
+  from vqgan_jax.training import stage1 as stage1_trainer
   config = tiny_config()
   config.loss.perceptual_weight = 0.0
   setup = stage1_trainer.Stage1Setup(config)
@@ -171,7 +171,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def gating_setup():
-  from vqgan_jax import stage1_trainer
+  from vqgan_jax.training import stage1 as stage1_trainer
   config = tiny_config()
   config.loss.perceptual_weight = 0.0
   setup = stage1_trainer.Stage1Setup(config)
@@ -187,7 +187,7 @@ def _leaves_equal(a, b):
 
 
 def test_disc_start_gates_both_gan_terms(gating_setup):
-  from vqgan_jax import stage1_trainer
+  from vqgan_jax.training import stage1 as stage1_trainer
   setup, state, batch, steps = gating_setup
   # Before disc_start: no GAN terms, the discriminator does not move.
   assert not stage1_trainer.gan_active(setup.config, 1)

@@ -47,15 +47,24 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-from jax import lax
-from ml_collections import config_flags
+import ml_collections
 import numpy as np
 import optax
+from absl import app, flags, logging
+from jax import lax
+from ml_collections import config_flags
+from PIL import Image
 
+from vqgan_jax import cli
+from vqgan_jax import config_lib, data
 from vqgan_jax import flops as flops_lib
+from vqgan_jax import handoff, sampling
+from vqgan_jax.models import attention, layers, lpips
+from vqgan_jax.models.transformer import GPT
+from vqgan_jax.training import optim
+from vqgan_jax.training import stage1 as stage1_trainer
 
 FLAGS = flags.FLAGS
 TASKS = ("stage1_step", "stage2_step", "sample", "conv", "attention", "data")
@@ -227,13 +236,11 @@ def compile_timed(jitted, *args, **kwargs):
 
 
 def bench_stage1(config) -> Dict[str, Any]:
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
   if config is None:
     raise app.UsageError("--task stage1_step needs --config (e.g. configs/vqgan_demo.py)")
   setup = stage1_trainer.Stage1Setup(config)
   lpips_params = None
   if config.loss.perceptual_weight > 0:
-    from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
     lpips_params = lpips.load_lpips_params()
   state = jax.jit(setup.init_state)(setup.rng)
   b, size, m = config.batch_size, config.data.image_size, config.model
@@ -269,7 +276,6 @@ def bench_stage1(config) -> Dict[str, Any]:
 
 
 def gpt_from_flags(block_size: Optional[int] = None, attention: Optional[str] = None):
-  from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
   return GPT(vocab_size=FLAGS.vocab_size, block_size=block_size or FLAGS.block_size,
              n_layer=FLAGS.n_layer, n_head=FLAGS.n_head, n_embd=FLAGS.n_embd,
              attention=attention or FLAGS.attention, linear_chunk_size=FLAGS.linear_chunk_size,
@@ -279,28 +285,26 @@ def gpt_from_flags(block_size: Optional[int] = None, attention: Optional[str] = 
 def gpt_from_config(config):
   """(GPT, seq_len, batch, optimizer, description) for a transformer config.
 
-  Uses `stage2_trainer.stated_model` (vocab and block size derived from first_stage.n_embed
+  Uses `handoff.stated_model` (vocab and block size derived from first_stage.n_embed
   and first_stage.latent_grid, as training would) when those are stated; otherwise the GPT
   flags fill in vocab_size / block_size where the config leaves them 0.
   """
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
   m = config.model
   try:
-    gpt, _, prefix, n = stage2_trainer.stated_model(config)
+    gpt, _, prefix, n = handoff.stated_model(config)
     seq_len = prefix + n - 1
-    source = "stage2_trainer.stated_model"
+    source = "handoff.stated_model"
   except Exception as err:  # pylint: disable=broad-except
     logging.info("stated_model unavailable (%s); vocab/block from config or flags", err)
-    from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
     block = m.block_size or FLAGS.block_size
     gpt = GPT(vocab_size=m.vocab_size or FLAGS.vocab_size, block_size=block,
               n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, embd_pdrop=m.embd_pdrop,
               resid_pdrop=m.resid_pdrop, attn_pdrop=m.attn_pdrop, attention=m.attention,
               linear_chunk_size=m.linear_chunk_size,
-              dtype=stage2_trainer.compute_dtype(config), remat=m.remat)
+              dtype=config_lib.compute_dtype(config), remat=m.remat)
     seq_len = block
     source = "config.model (+ flags for vocab/block)"
-  return gpt, seq_len, config.batch_size, stage2_trainer.make_optimizer(config), source
+  return gpt, seq_len, config.batch_size, optim.make_optimizer(config), source
 
 
 def gpt_train_step(gpt, tx):
@@ -394,7 +398,6 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
   because every naive step runs the same full-buffer forward. The two samplers run in
   alternation, `kv_rounds` times each after one warm-up call (none above 512 tokens, where
   the first call is timed too), so a drift in machine load hits both."""
-  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   gpt = gpt_from_flags(block_size=length, attention="softmax")
   params = _init_gpt(gpt)
   key = jax.random.PRNGKey(3)
@@ -421,7 +424,6 @@ def kv_vs_naive(length: int, batch: int) -> Dict[str, Any]:
 
 
 def _decode_scan(gpt, k: int, batch: int):
-  from vqgan_jax.models.transformer import GPT  # pylint: disable=g-import-not-at-top
 
   def run(params, cache, start):
     def body(carry, i):
@@ -478,7 +480,6 @@ def per_token_decode(positions: Sequence[int], batch: int) -> Dict[str, Any]:
 def long_sampling(length: int, batch: int, per_token: Dict[str, Any]) -> Dict[str, Any]:
   """Time to sample `length` tokens: linear (recurrent), softmax KV cache, softmax without a
   cache (always estimated: `naive_steps` full-buffer forwards, scaled to `length`)."""
-  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   key = jax.random.PRNGKey(4)
   prefix = jnp.zeros((batch, 1), jnp.int32)
   out = {"tokens": length, "batch": batch}
@@ -537,7 +538,6 @@ def batch_scaling(length: int, batches: Sequence[int]) -> Dict[str, Any]:
   batch size; the sizes alternate round by round (`kv_rounds` timed runs each, after one
   warm-up). At batch 1 a decoding step is bound by reading the weights, so larger batches
   add tokens almost for free until the matmuls become compute-bound."""
-  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   gpt = gpt_from_flags(block_size=length, attention="softmax")
   params = _init_gpt(gpt)
   key = jax.random.PRNGKey(5)
@@ -563,7 +563,6 @@ def sliding_window(window: int, grid: int, batch: int) -> Dict[str, Any]:
   context is one condition token + a window x window grid, with the KV cache where the
   window origin repeats (`cached`) and with one full window forward per grid position, as
   the reference (`recomputed`). One timed run of each after compilation."""
-  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
   if grid < window:
     raise app.UsageError(f"--sliding_grid={grid} is smaller than --window={window}")
   gpt = gpt_from_flags(block_size=1 + window * window, attention="softmax")
@@ -592,6 +591,12 @@ def sliding_window(window: int, grid: int, batch: int) -> Dict[str, Any]:
 def bench_sample(config) -> Dict[str, Any]:
   del config  # sampling uses the GPT flags (several block sizes are needed)
   batch = FLAGS.sample_batch
+  if FLAGS.long_length and not FLAGS.full_long_sampling and \
+      str(FLAGS.long_length) not in [str(int(p)) for p in FLAGS.positions]:
+    # Checked before any section runs (the estimate needs that position's timing).
+    raise app.UsageError(f"--nofull_long_sampling estimates from the per-token time at "
+                         f"--long_length={FLAGS.long_length}: add {FLAGS.long_length} to "
+                         f"--positions (now {','.join(FLAGS.positions)})")
   peak = device_peak()
   result = {"gpt": dict(vocab_size=FLAGS.vocab_size, n_layer=FLAGS.n_layer, n_head=FLAGS.n_head,
                         n_embd=FLAGS.n_embd, dtype=FLAGS.dtype,
@@ -628,7 +633,6 @@ CONV_SHAPES = (
 
 @contextlib.contextmanager
 def _im2col_limit(value: int):
-  from vqgan_jax.models import layers  # pylint: disable=g-import-not-at-top
   saved = layers.IM2COL_MAX_POSITIONS
   layers.IM2COL_MAX_POSITIONS = value
   try:
@@ -641,7 +645,6 @@ def bench_conv(config) -> Dict[str, Any]:
   """XLA's convolution vs the im2col lowering of `layers.conv2d` (3x3, stride 1, pad 1),
   forward and gradient (input + kernel), on the shapes where the switch matters."""
   del config
-  from vqgan_jax.models import layers  # pylint: disable=g-import-not-at-top
   pad = ((1, 1), (1, 1))
   batch = FLAGS.conv_batch
   rows = []
@@ -681,7 +684,6 @@ def bench_attention(config) -> Dict[str, Any]:
   (w.r.t. q, k, v): jax.nn.dot_product_attention against the head-major einsum form that
   `SoftmaxAttention.parallel` uses on CPU. Implementations interleaved round by round."""
   del config
-  from vqgan_jax.models import attention  # pylint: disable=g-import-not-at-top
   b, t, h = FLAGS.batch_size, FLAGS.attention_length, FLAGS.n_head
   d = FLAGS.n_embd // h
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -770,13 +772,11 @@ def write_image_folder(root: str, count: int, size: Tuple[int, int],
   class sub-folder per format), cycling through `formats` ("jpeg" quality 90, "png").
   Content: crops of the bundled scikit-image photos (realistic entropy, so decoding costs
   what it does on real photos), else smooth random images. Returns [(path, label)]."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   width, height = size
   rng = np.random.default_rng(0)
   sources = []
   try:
-    import skimage.data  # pylint: disable=g-import-not-at-top
-    from vqgan_jax import data  # pylint: disable=g-import-not-at-top
+    import skimage.data  # pylint: disable=g-import-not-at-top  (optional; an ImportError falls back below)
     for name in data.PHOTO_NAMES:
       with contextlib.suppress(Exception):
         sources.append(data.to_rgb_uint8(getattr(skimage.data, name)()))
@@ -815,6 +815,7 @@ def build_tfds_dataset(data_dir: str, files: Sequence[Tuple[str, int]], num_clas
   """An ArrayRecord TFDS dataset `name` in data_dir holding the given image files as they
   are encoded (TFDS keeps a file's own JPEG/PNG bytes); train = all files, validation =
   the first few. Returns the name."""
+  # tensorflow_datasets takes seconds to import; only the TFDS data benchmark needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
 
@@ -849,7 +850,6 @@ def time_input(dc, batch_size: int, batches: int, warmup: int,
   run seconds. The warm-up is max(warmup, 1, num_workers) batches: the first includes
   starting the pipeline, and grain hands out worker outputs in turn, so after num_workers
   batches every worker has started (each prepares its source on its own)."""
-  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   it = data.make_train_iterator(dc, batch_size=batch_size, seed=0, process_index=0,
                                 process_count=1)
@@ -877,7 +877,6 @@ def time_input(dc, batch_size: int, batches: int, warmup: int,
 def data_sources(base, tmp: str) -> Dict[str, Tuple[Any, str]]:
   """{source: (config.data for it, description)} for --data_sources; generates the image
   folder and the TFDS dataset in `tmp` where no real one is given."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   size = FLAGS.image_size
   out = {}
   generated: Dict[str, Any] = {}
@@ -987,7 +986,6 @@ def bench_data(config) -> Dict[str, Any]:
   images_per_s (median over repeats), images_per_s_runs, startup_s (iterator creation to
   first batch), warmup_batches, batch_shape, vs_needed (images_per_s / needed)}]. A source that fails
   gives rows with 'error' and the others still run."""
-  from vqgan_jax import data  # pylint: disable=g-import-not-at-top
   needed = needed_images_per_s()  # flag errors before any work
   workers = [int(w) for w in FLAGS.num_workers]
   if not workers or min(workers) < 0:
@@ -1063,4 +1061,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

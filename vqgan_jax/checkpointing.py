@@ -19,10 +19,14 @@ import logging
 import os
 from typing import Any, Dict, Optional
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from vqgan_jax.models import quantizer as quantizers
+from vqgan_jax.models import vqgan
 
 FORMAT_VERSION = 1
 
@@ -52,7 +56,6 @@ def make_manager(workdir: str, max_to_keep: int = 3, async_checkpointing: bool =
 
 def save(manager: ocp.CheckpointManager, step: int, model_params: Any, trainer_state: Any,
          metadata: Dict[str, Any], data_iterator=None, force: bool = False) -> bool:
-  import grain  # pylint: disable=g-import-not-at-top
   items = dict(model=ocp.args.StandardSave(model_params),
                trainer=ocp.args.StandardSave(trainer_state),
                metadata=ocp.args.JsonSave(metadata))
@@ -110,7 +113,6 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_model: Any,
             abstract_trainer: Any = None, data_iterator=None) -> Dict[str, Any]:
   """Restores the named items onto the shardings given in the abstract trees."""
-  import grain  # pylint: disable=g-import-not-at-top
   items = dict(model=ocp.args.StandardRestore(abstract_model),
                metadata=ocp.args.JsonRestore())
   if abstract_trainer is not None:
@@ -137,8 +139,9 @@ def config_from_dict(values: Dict[str, Any]) -> ml_collections.ConfigDict:
 # Model keys that change how a step runs, not the parameters or the function: a run may
 # resume with another value.
 EXECUTION_ONLY_KEYS = ("remat",)
-# Keys added after checkpoints were written, with the value an older checkpoint implies.
-ABSENT_DEFAULTS = {"scan_layers": False}
+# Keys added after checkpoints were written, with the value an older checkpoint implies
+# (a stage-1 checkpoint from before the quantizer keys holds the paper's VQ).
+ABSENT_DEFAULTS = {"scan_layers": False, **quantizers.QUANTIZER_DEFAULTS}
 
 
 def check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str,
@@ -199,7 +202,6 @@ def latest_step(workdir: str) -> Optional[int]:
 
 def load_stage1(workdir: str, step: Optional[int] = None, sharding=None) -> FrozenStage1:
   """Restores the VQGAN generator of a stage-1 workdir (newest step unless `step`)."""
-  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   if not workdir or not epath.Path(workdir).exists():
     raise CheckpointError(f"stage-1 workdir {workdir!r} does not exist")
   if not checkpoint_dir(workdir).exists():
@@ -233,21 +235,32 @@ def load_stage1(workdir: str, step: Optional[int] = None, sharding=None) -> Froz
 
 
 def abstract_vqgan_params(model, resolution: int):
+  """Shapes of a VQGAN's stored parameter tree: its params, plus the quantizer's
+  "vq_stats" collection under that key for vq_ema and simvq (vqgan.stored_params)."""
   x = jax.ShapeDtypeStruct((1, resolution, resolution, model.in_channels), jax.numpy.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(x.shape)))
-  return variables["params"]
+  return vqgan.stored_params(variables)
 
 
 def stage1_metadata(config: ml_collections.ConfigDict, step: int) -> Dict[str, Any]:
+  """n_embed is the codebook size (fsq: prod(fsq_levels), lfq: 2**lfq_bits, which the
+  config checks equal model.n_embed) and lookup_dim the code dimension latents are
+  quantized in (fsq: len(fsq_levels), lfq: lfq_bits)."""
   m = config.model
   f = 2 ** (len(m.ch_mult) - 1)
+  opts = quantizers.quantizer_options(m)
+  kind = opts["quantizer"]
+  lookup_dim = {"fsq": len(opts["fsq_levels"]),
+                "lfq": int(opts["lfq_bits"])}.get(kind, int(m.codebook_dim or m.embed_dim))
   return {
       "format_version": FORMAT_VERSION,
       "stage": "vqgan",
       "step": int(step),
-      "n_embed": int(m.n_embed),
+      "quantizer": kind,
+      "n_embed": quantizers.codebook_size_of(kind, m.n_embed, opts["fsq_levels"],
+                                             opts["lfq_bits"]),
       "embed_dim": int(m.embed_dim),
-      "lookup_dim": int(m.codebook_dim or m.embed_dim),
+      "lookup_dim": lookup_dim,
       "downsample_factor": f,
       "latent_grid": [m.resolution // f, m.resolution // f],
       "config": config_to_dict(config),

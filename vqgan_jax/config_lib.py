@@ -1,14 +1,24 @@
 """Config checks that run before anything is compiled, with errors naming the key."""
 
+import difflib
 from typing import Any, Iterable
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from configs import transformer_default, vqgan_default
 from vqgan_jax import sharding
+from vqgan_jax.models import quantizer as quantizers
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
+
+
+def compute_dtype(config) -> jnp.dtype:
+  """The dtype activations are computed in (`config.compute_dtype`); params stay float32."""
+  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
 
 def check_known_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -26,7 +36,6 @@ def check_known_keys(config: ml_collections.ConfigDict, reference: ml_collection
 
 
 def _close_matches(key: str, candidates: Iterable[str]):
-  import difflib  # pylint: disable=g-import-not-at-top
   matches = difflib.get_close_matches(key, list(candidates), n=1)
   return repr(matches[0]) if matches else None
 
@@ -38,7 +47,6 @@ def _require(condition: bool, key: str, message: str, value: Any) -> None:
 
 def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
   """Checks a stage-1 config; raises ConfigError naming the first bad key."""
-  from configs import vqgan_default  # pylint: disable=g-import-not-at-top
   check_known_keys(config, vqgan_default.get_config())
   m = config.model
   _require(m.n_embed >= 1, "model.n_embed", "the codebook needs at least one code", m.n_embed)
@@ -49,6 +57,7 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
            "GroupNorm uses 32 groups, so channels must be a positive multiple of 32", m.z_channels)
   _require(m.embed_dim >= 1, "model.embed_dim", "must be positive", m.embed_dim)
   _require(m.codebook_dim >= 0, "model.codebook_dim", "must be 0 (off) or positive", m.codebook_dim)
+  validate_quantizer(m)
   factor = 2 ** (len(m.ch_mult) - 1)
   _require(m.resolution % factor == 0, "model.resolution",
            f"must be divisible by the downsampling factor {factor} (2**(len(ch_mult)-1))",
@@ -69,6 +78,43 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
   validate_common(config)
 
 
+def validate_quantizer(m: ml_collections.ConfigDict) -> None:
+  """The quantizer keys of a stage-1 `config.model` (models/quantizer.py)."""
+  kind = m.get("quantizer", "vq")
+  _require(kind in quantizers.QUANTIZERS, "model.quantizer",
+           f"must be one of {quantizers.QUANTIZERS}", kind)
+  opts = quantizers.quantizer_options(m)
+  if kind == "fsq":
+    levels = opts["fsq_levels"]
+    _require(len(levels) >= 1 and min(levels) >= 2, "model.fsq_levels",
+             "needs at least one level count, each >= 2", tuple(levels))
+    size = int(np.prod(levels, dtype=np.int64))
+    _require(m.n_embed == size, "model.n_embed",
+             f"model.quantizer='fsq' with model.fsq_levels={tuple(levels)} has prod(levels) = "
+             f"{size} codes; set model.n_embed={size}", m.n_embed)
+  if kind == "lfq":
+    bits = opts["lfq_bits"]
+    _require(1 <= bits <= 30, "model.lfq_bits", "must be in [1, 30]", bits)
+    _require(m.n_embed == 2 ** bits, "model.n_embed",
+             f"model.quantizer='lfq' with model.lfq_bits={bits} has 2**lfq_bits = "
+             f"{2 ** bits} codes; set model.n_embed={2 ** bits}", m.n_embed)
+  if kind in ("fsq", "lfq"):
+    _require(not m.codebook_dim, "model.codebook_dim",
+             f"model.quantizer={kind!r} has no codebook to look up: must be 0",
+             m.codebook_dim)
+    _require(not m.l2_normalize, "model.l2_normalize",
+             f"model.quantizer={kind!r} has no codebook to look up: must be False",
+             m.l2_normalize)
+  _require(kind == "vq" or not m.restart_dead_codes, "model.restart_dead_codes",
+           f"dead-code restart rewrites the learned codebook of model.quantizer='vq' only, "
+           f"not {kind!r} (vq_ema moves its codes by EMA; fsq, lfq and simvq have no "
+           "per-code parameters); set it False", m.restart_dead_codes)
+  try:  # the remaining ranges (ema_decay, ema_eps, lfq_temperature, ...)
+    quantizers.make_quantizer(m)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def validate_common(config: ml_collections.ConfigDict) -> None:
   _require(config.batch_size >= 1, "batch_size", "must be positive", config.batch_size)
   _require(config.num_train_steps >= 0, "num_train_steps", "must be >= 0", config.num_train_steps)
@@ -85,7 +131,6 @@ COND_KINDS = ("none", "class", "spatial", "coord")
 
 def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
   """Checks a stage-2 config (no checkpoint access); raises ConfigError naming the key."""
-  from configs import transformer_default  # pylint: disable=g-import-not-at-top
   check_known_keys(config, transformer_default.get_config())
   _require(config.stage == "transformer", "stage", "must be 'transformer' for stage 2",
            config.stage)

@@ -25,7 +25,7 @@ the right shape; anything else is an error that lists the keys.
 
 Vocabulary: the reference puts condition ids in the image vocabulary (the start token is
 `sos_token`, usually 0; class c is id c; a conditioning VQGAN's code j is id j). Our
-models keep them in separate ranges (stage2_trainer.VocabLayout), so the converted
+models keep them in separate ranges (conditioning.VocabLayout), so the converted
 token embedding and head are gathered from the reference's rows: our id of image code i
 reads row i, our start id reads row sos_token, our class c reads row c, our spatial code j
 reads row j. For the same (condition, image) sequence the converted GPT gives exactly the
@@ -38,12 +38,11 @@ into a temporary folder next to --output and renamed at the end, so a failure le
 nothing behind; a non-empty --output is refused unless --overwrite.
 """
 
-import argparse
+import importlib
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import types
 from typing import Any, Dict, Optional, Tuple
@@ -52,9 +51,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import yaml
+from absl import flags
 from flax import traverse_util
 
-from vqgan_jax import checkpointing, torch_checkpoint
+from configs import transformer_default, vqgan_default
+from vqgan_jax import (checkpointing, cli, conditioning, config_lib, handoff,
+                       torch_checkpoint)
+from vqgan_jax.models import discriminator, lpips, vqgan
+from vqgan_jax.training import optim
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import stage2 as stage2_trainer
 
 VQMODEL = "taming.models.vqgan.VQModel"
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
@@ -81,7 +88,6 @@ class ConversionError(ValueError):
 
 def read_yaml(path: str) -> Dict[str, Any]:
   """The `model` section ({target, params, base_learning_rate}) of a reference yaml."""
-  import yaml  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise ConversionError(f"config {path} does not exist or is not a file")
   try:
@@ -124,7 +130,6 @@ _VQ_LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_
 def vqgan_config(model: Dict[str, Any], path: str,
                  base_learning_rate: Optional[float] = None) -> ml_collections.ConfigDict:
   """Our stage-1 config for a reference VQModel entry {target, params}."""
-  from configs import vqgan_default  # pylint: disable=g-import-not-at-top
   if model.get("target") != VQMODEL:
     raise ConversionError(f"{path}: first/conditioning stage target {model.get('target')!r} "
                           f"is not supported (only {VQMODEL})")
@@ -182,7 +187,6 @@ def vqgan_config(model: Dict[str, Any], path: str,
   elif target not in PARAMETER_FREE_LOSSES:
     raise ConversionError(f"{path}: lossconfig target {target!r} is not supported (known: "
                           f"{VQ_LOSS}, {', '.join(PARAMETER_FREE_LOSSES)})")
-  from vqgan_jax import config_lib  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate_vqgan_config(config)
   except config_lib.ConfigError as e:
@@ -261,8 +265,6 @@ def transformer_config(gpt: Dict[str, Any], first: ml_collections.ConfigDict, sp
                        base_learning_rate: Optional[float], first_workdir: str,
                        cond_workdir: Optional[str]):
   """(our stage-2 config, VocabLayout, prefix_len, num_image_tokens) for the reference GPT."""
-  from configs import transformer_default  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
   config = transformer_default.get_config()
   grid = latent_grid(first)
   fs = config.first_stage
@@ -286,7 +288,7 @@ def transformer_config(gpt: Dict[str, Any], first: ml_collections.ConfigDict, sp
   config.data.image_size = int(first.model.resolution)
   if base_learning_rate is not None:
     config.base_learning_rate = float(base_learning_rate)
-  layout = stage2_trainer.layout_for(config, fs.n_embed, c.n_embed if cond else 0,
+  layout = conditioning.layout_for(config, fs.n_embed, c.n_embed if cond else 0,
                                      spec.num_classes)
   prefix = layout.prefix_len(grid)
   n = grid[0] * grid[1]
@@ -394,7 +396,6 @@ def vq_target(key: str, targets) -> str:
 
 
 def abstract_vqgan(config):
-  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   model = vqgan.vqmodel_from_config(config.model)
   return model, checkpointing.abstract_vqgan_params(model, config.model.resolution)
 
@@ -430,7 +431,6 @@ def convert_vqgan(state: Dict[str, Any], prefix: str, config, path: str,
 def convert_discriminator(disc_state, config, path: str, prefix: str, dropped):
   """Discriminator variables {"params", "batch_stats"} from `loss.discriminator.*`; LPIPS's
   linear layers are checked against the packaged ones that training uses."""
-  from vqgan_jax.models import discriminator  # pylint: disable=g-import-not-at-top
   lpips_keys = {k[len("__lpips__."):]: v for k, v in disc_state.items()
                 if k.startswith("__lpips__.")}
   _check_lpips(lpips_keys, path, prefix, dropped)
@@ -484,7 +484,6 @@ def _check_lpips(lpips_state, path: str, prefix: str, dropped) -> None:
       raise ConversionError(f"{path}: key {key} has no place in vqgan_jax's LPIPS")
   if not lin:
     return
-  from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
   packaged = lpips.load_lpips_params()
   for k, v in sorted(lin.items()):
     i = int(k[3])
@@ -547,7 +546,6 @@ def convert_gpt(state: Dict[str, Any], prefix: str, gpt_module, ref_ids: np.ndar
 
 def config_source(config: ml_collections.ConfigDict, default_module: str, header: str) -> str:
   """A config file: the default config plus one assignment per value that differs."""
-  import importlib  # pylint: disable=g-import-not-at-top
   default = importlib.import_module(f"configs.{default_module}").get_config()
   ours = traverse_util.flatten_dict(checkpointing.config_to_dict(config), sep=".")
   base = traverse_util.flatten_dict(checkpointing.config_to_dict(default), sep=".")
@@ -597,7 +595,6 @@ def write_stage1(workdir: str, final_workdir: str, config, params, step: int, di
                  source: Dict[str, Any]) -> Dict[str, Any]:
   """A stage-1 workdir: checkpoint (model, fresh optimiser states, discriminator) +
   config.py. `final_workdir` is where it will live (recorded paths)."""
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
   setup = stage1_trainer.Stage1Setup(config)
   if disc is None:
     disc = _fresh_discriminator(setup.disc, config.model.in_channels, config.seed)
@@ -625,7 +622,6 @@ def write_stage1(workdir: str, final_workdir: str, config, params, step: int, di
 def write_stage2(workdir: str, final_workdir: str, config, layout, prefix: int, n: int,
                  gpt_module, params, step: int, first_record, cond_record,
                  source: Dict[str, Any]) -> Dict[str, Any]:
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
   grid = tuple(config.first_stage.latent_grid)
   setup = types.SimpleNamespace(layout=layout, prefix_len=prefix, window=grid, grid=grid,
                                 num_image_tokens=n, gpt=gpt_module)
@@ -634,7 +630,7 @@ def write_stage2(workdir: str, final_workdir: str, config, layout, prefix: int, 
   params = jax.tree_util.tree_map(jnp.asarray, params)
   trainer = stage2_trainer.TrainerState(
       step=jnp.asarray(step, jnp.int32),
-      opt_state=_fresh_opt_state(stage2_trainer.make_optimizer(config), params),
+      opt_state=_fresh_opt_state(optim.make_optimizer(config), params),
       nonfinite_steps=jnp.zeros((), jnp.int32))
   _write_checkpoint(workdir, step, params, trainer, metadata)
   header = (f"vqgan_jax stage-2 config converted from taming-transformers' "
@@ -645,10 +641,14 @@ def write_stage2(workdir: str, final_workdir: str, config, layout, prefix: int, 
   return metadata
 
 
-def _frozen_record(workdir: str, config, step: int) -> Dict[str, Any]:
+def _frozen_record(workdir: str, output: str, config, step: int, params) -> Dict[str, Any]:
+  """As handoff.frozen_record: the frozen stage by absolute and relative path (it sits
+  inside the stage-2 output), step and codebook fingerprint."""
   f = 2 ** (len(config.model.ch_mult) - 1)
-  return {"workdir": workdir, "step": int(step), "n_embed": int(config.model.n_embed),
-          "latent_grid": list(latent_grid(config)), "downsample_factor": f}
+  return {"workdir": workdir, "relative_workdir": os.path.relpath(workdir, output),
+          "step": int(step), "n_embed": int(config.model.n_embed),
+          "latent_grid": list(latent_grid(config)), "downsample_factor": f,
+          "fingerprint": handoff.codebook_fingerprint(params)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -710,7 +710,7 @@ def convert(ckpt: str, config_path: str, output: str, *, keep_discriminator: boo
       sub_step = 0 if sub else step  # frozen stages of a transformer: step 0
       os.makedirs(target, exist_ok=True)
       write_stage1(target, final, cfg, params, sub_step, disc, source)
-      records[sub] = _frozen_record(final, cfg, sub_step)
+      records[sub] = _frozen_record(final, output, cfg, sub_step, params)
     if stage2 is not None:
       write_stage2(tmp, output, *stage2, step, records["first_stage"],
                    records.get("cond_stage"), source)
@@ -750,10 +750,9 @@ def _plan(model, state, ckpt: str, config_path: str, output: str, keep_discrimin
     config, layout, prefix, n = transformer_config(gpt, first, spec, cond, pkeep, base_lr,
                                                    first_dir, cond_dir if cond else None)
     _check_vocab(gpt, spec, first, cond, config_path)
-    from vqgan_jax import config_lib, stage2_trainer  # pylint: disable=g-import-not-at-top
     try:
       config_lib.validate_transformer_config(config)
-      gpt_module = stage2_trainer.build_gpt(config, layout, prefix, n)
+      gpt_module = handoff.build_gpt(config, layout, prefix, n)
     except config_lib.ConfigError as e:
       raise ConversionError(f"{config_path}: the transformer does not fit vqgan_jax: {e}") from e
     ids = reference_ids(layout, spec)
@@ -790,32 +789,29 @@ def _check_vocab(gpt, spec: CondSpec, first, cond, path: str) -> None:
                           f"it must embed: {short}")
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description="Convert a taming-transformers checkpoint (VQModel or Net2NetTransformer) "
-      "into a vqgan_jax workdir.")
-  parser.add_argument("--ckpt", required=True, help="the reference .ckpt (Lightning)")
-  parser.add_argument("--config", required=True, help="its yaml config")
-  parser.add_argument("--output", required=True, help="workdir to write")
-  parser.add_argument("--keep_discriminator", action="store_true",
-                      help="VQModel: keep loss.discriminator.* for continued GAN training")
-  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-  parser.add_argument("--step", type=int, default=-1,
-                      help="checkpoint step to write; -1 = the checkpoint's global_step")
-  parser.add_argument("--reader", choices=("numpy", "torch"), default="numpy",
-                      help="numpy: built-in safe reader (default); torch: "
-                      "torch.load(weights_only=True), needed for pre-1.6 (non-zip) files")
-  args = parser.parse_args(argv)
-  try:
-    summary = convert(args.ckpt, args.config, args.output,
-                      keep_discriminator=args.keep_discriminator, overwrite=args.overwrite,
-                      step=args.step, reader=args.reader)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def _define_flags():
+  flags.DEFINE_string("ckpt", None, "The reference .ckpt (PyTorch Lightning).")
+  flags.DEFINE_string("config", None, "Its yaml config (model.yaml).")
+  flags.DEFINE_string("output", None, "Workdir to write.")
+  flags.DEFINE_bool("keep_discriminator", False,
+                    "VQModel: keep loss.discriminator.* for continued GAN training.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = the checkpoint's "
+                       "global_step.")
+  flags.DEFINE_enum("reader", "numpy", ["numpy", "torch"],
+                    "numpy: built-in safe reader; torch: torch.load(weights_only=True), "
+                    "needed for pre-1.6 (non-zip) files.")
+
+
+def main(argv):
+  cli.no_positional_args(argv)
+  cli.require_flags("ckpt", "config", "output")
+  f = flags.FLAGS
+  summary = convert(f.ckpt, f.config, f.output, keep_discriminator=f.keep_discriminator,
+                    overwrite=f.overwrite, step=f.step, reader=f.reader)
   print(json.dumps(summary, indent=1))
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

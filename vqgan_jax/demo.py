@@ -18,30 +18,31 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from configs import (transformer_demo, transformer_demo_seg,
+                     transformer_demo_uncond, vqgan_demo, vqgan_demo_seg)
+from vqgan_jax import cli, sample
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import stage2 as stage2_trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where all demo runs and images go.")
 
 
 def _stage1(name, module, workdir, summary):
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
   start = time.time()
   metrics = stage1_trainer.train_and_evaluate(module.get_config(), os.path.join(workdir, name))
   summary[name] = dict(metrics, seconds=round(time.time() - start, 1))
 
 
 def _stage2(name, config, workdir, summary):
-  from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
   start = time.time()
   metrics = stage2_trainer.train_and_evaluate(config, os.path.join(workdir, name))
   summary[name] = dict(metrics, seconds=round(time.time() - start, 1))
 
 
 def run_demo(workdir: str) -> dict:
-  from configs import (transformer_demo, transformer_demo_seg, transformer_demo_uncond,  # pylint: disable=g-import-not-at-top
-                       vqgan_demo, vqgan_demo_seg)
-  from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   summary = {}
   begin = time.time()
@@ -99,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,17 +33,24 @@ how much is left for activations. The 1.4B GPT config rematerialises its blocks 
 """
 
 import dataclasses
+import importlib.util
+import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import AbstractMesh
+from ml_collections import config_flags
 
-from vqgan_jax import checkpointing, config_lib, flops, sharding, stage1_trainer, stage2_trainer
-from vqgan_jax import tpu_compile
-from vqgan_jax.models import vqgan
+from vqgan_jax import checkpointing, cli, config_lib, flops, handoff, sharding, tpu_compile
+from vqgan_jax.models import lpips, vqgan
+from vqgan_jax.training import optim
+from vqgan_jax.training import stage1 as stage1_trainer
+from vqgan_jax.training import stage2 as stage2_trainer
 
 GIB = 1024 ** 3
 
@@ -65,7 +72,6 @@ def parse_mesh(text: str, num_devices: Optional[int] = None) -> Tuple[int, int, 
 
 
 def _mesh_cfg(sizes):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, sizes)))
 
 
@@ -87,7 +93,7 @@ def stage1_abstract(config) -> AbstractModel:
   setup = stage1_trainer.Stage1Setup(config)
   state = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
   t = state.trainer
-  frozen = (stage1_trainer.abstract_lpips_params() if config.loss.perceptual_weight > 0
+  frozen = (lpips.abstract_params() if config.loss.perceptual_weight > 0
             else {})
   notes = []
   if frozen:
@@ -99,7 +105,8 @@ def stage1_abstract(config) -> AbstractModel:
               "other": {"step": t.step, "d_batch_stats": t.d_batch_stats,
                         "code_usage_ema": t.code_usage_ema,
                         "nonfinite_steps": t.nonfinite_steps}},
-      trainable={"g_params": state.g_params, "d_params": t.d_params},
+      # the quantizer state (vq_ema, simvq) has no gradient
+      trainable={"g_params": vqgan.split_state(state.g_params)[0], "d_params": t.d_params},
       frozen=frozen, rules=sharding.VQGAN_RULES, notes=notes)
 
 
@@ -108,8 +115,8 @@ def stage2_abstract(config, stage1_config=None) -> AbstractModel:
     raise ValueError(
         "a stage-2 dry run needs the VQGAN's codebook size and token grid from the config: "
         "pass e.g. --config.first_stage.n_embed=16384 --config.first_stage.latent_grid=16,16")
-  gpt, layout, prefix, n = stage2_trainer.stated_model(config)
-  tx = stage2_trainer.make_optimizer(config)
+  gpt, layout, prefix, n = handoff.stated_model(config)
+  tx = optim.make_optimizer(config)
 
   def init(rng):
     params = gpt.init(rng, jnp.zeros((1, prefix + n - 1), jnp.int32))["params"]
@@ -241,7 +248,8 @@ def _frozen_stage(stage1_config, n_embed: int, image_size: int, segmentation: in
         "a stage-2 dry run needs the VQGAN's codebook size: pass e.g. "
         "--config.first_stage.n_embed=16384 (and --config.cond.n_embed for spatial)")
   if stage1_config is None:
-    from configs import vqgan_default  # pylint: disable=g-import-not-at-top  (configs/ is a top-level package, only present in a checkout)
+    from configs import \
+        vqgan_default  # pylint: disable=g-import-not-at-top  (configs/ is a top-level package, only present in a checkout)
     stage1_config = vqgan_default.get_config()
   stage1_config = stage1_config.copy_and_resolve_references()
   m = stage1_config.model
@@ -319,7 +327,7 @@ def _stage2_compiled(config, mesh, steps, stage1_config=None):
   if config.cond.kind == "spatial":
     cond = _frozen_stage(None, config.cond.n_embed, size, config.data.photos.num_segments)
   runner = stage2_trainer.Stage2Runner(config, first, cond, mesh,
-                                       stage2_trainer.resolve_num_classes(config),
+                                       handoff.resolve_num_classes(config),
                                        abstract=True)
   setup, gpt = runner.setup, runner.setup.gpt
   gpt_kwargs = dict(vocab_size=gpt.vocab_size, n_layer=gpt.n_layer, n_embd=gpt.n_embd,
@@ -459,7 +467,7 @@ def compile_report(config, topology: str, mesh_shape: Sequence[int],
   stage = config.get("stage", "vqgan")
   if stage == "transformer":
     if config.cond.kind == "class" and config.cond.num_classes <= 0:
-      config.cond.num_classes = stage2_trainer.resolve_num_classes(config)  # the dataset's
+      config.cond.num_classes = handoff.resolve_num_classes(config)  # the dataset's
     if min(config.first_stage.latent_grid) <= 0:  # the grid the frozen VQGAN gives
       grid = _frozen_stage(stage1_config, config.first_stage.n_embed,
                            int(config.data.image_size)).metadata["latent_grid"]
@@ -520,7 +528,6 @@ def format_compile_report(result: Dict[str, Any]) -> str:
 
 
 def _load_config_file(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("stage1_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -529,7 +536,6 @@ def _load_config_file(path: str):
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   config = FLAGS.config
   if FLAGS.batch_size:
@@ -550,7 +556,6 @@ def main(argv):
       raise SystemExit(f"error: {e}") from None
     print(format_compile_report(result))
     if FLAGS.json:
-      import json  # pylint: disable=g-import-not-at-top
       os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
       with open(FLAGS.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -566,8 +571,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Stage-1 or stage-2 config file.")
   flags.DEFINE_multi_string("mesh", [], "data,fsdp,tensor sizes (repeat the flag, or give "
                             "several separated by spaces); default: the config's mesh on "
@@ -590,8 +593,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  import os  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -20,9 +20,9 @@ Stage 1 (`evaluate_stage1`), over the whole val split (or --num_batches batches)
   results go to DIR/eval/stage1_step{N}.json (and --output_json) with a grid of
   originals over reconstructions in DIR/eval/stage1_step{N}_reconstructions.png.
 
-Stage 2 (`evaluate_stage2`) calls `vqgan_jax.stage2_trainer.load_stage2(workdir, step)`
-and uses whatever the returned object offers (each part is skipped, with a reason in
-the JSON, when its method is missing):
+Stage 2 (`evaluate_stage2`) loads the workdir with `vqgan_jax.handoff.load_stage2`
+(its VQGAN as recorded, or --first_stage_workdir) and evaluates, through
+`Stage2Adapter`:
   .step                                  int
   .eval_token_batches(batch_size)        iterable of val token batches
   .token_logits(batch)                   -> (logits (B, L, V), targets (B, L), weights
@@ -32,7 +32,7 @@ the JSON, when its method is missing):
                                             of {"image": ..., "mask": (b,)} (padding
                                             rows masked out): FID, IS, KID,
                                             precision/recall
-On a checkpoint of `stage2_trainer` the samples are drawn on every device of the mesh
+On a stage-2 checkpoint the samples are drawn on every device of the mesh
 (`config.mesh`; with several processes each draws its devices' rows): each batch of
 --batch_size samples is one global array split over data x fsdp, decoded and fed to
 Inception where it lies, and only the Inception features are gathered for FID/IS/KID.
@@ -48,16 +48,23 @@ before anything is written.
 """
 
 import functools
+import itertools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from vqgan_jax import checkpointing, metrics
+from vqgan_jax import cli
+from vqgan_jax import (checkpointing, conditioning, convert_inception, data, export_tokens,
+                       handoff, metrics, sample, sharding, visualize)
+from vqgan_jax.models import inception, lpips, vqgan
 
 INCEPTION_ENV = "VQGAN_INCEPTION_WEIGHTS"
 FID_SKIPPED_NO_WEIGHTS = ("no Inception weights given (--inception_weights or "
@@ -80,22 +87,17 @@ def resolve_inception_weights(path: Optional[str] = None) -> Optional[str]:
 
 def load_inception(path: str, expected_sha256: Optional[str] = None):
   """Validated Inception variables (errors name the file; see convert_inception)."""
-  from vqgan_jax import convert_inception  # pylint: disable=g-import-not-at-top
   return convert_inception.load_inception_params(path, expected_sha256=expected_sha256 or None)
 
 
 def make_inception_feature_fn(variables, mesh) -> Callable:
   """jitted images (B, H, W, 3) in [-1, 1] -> {'pool': (B, 2048), 'logits': (B, 1008)}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import inception  # pylint: disable=g-import-not-at-top
   variables = jax.device_put(variables, sharding.replicated(mesh))
   apply = jax.jit(inception.InceptionV3().apply)
   return lambda images: apply(variables, images)
 
 
 def _inception_feature_dim() -> int:
-  from vqgan_jax.models import inception  # pylint: disable=g-import-not-at-top
   return inception.FEATURE_DIM
 
 
@@ -104,7 +106,6 @@ def gather(array) -> np.ndarray:
   with several processes: every process calls it in the same order)."""
   if isinstance(array, np.ndarray):
     return array
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   return sharding.host_array(array)
 
 
@@ -221,10 +222,8 @@ def _load_reference_stats(path: Optional[str]):
   return metrics.load_stats(path)  # errors name the file
 
 
-def _eval_batches(data_config, mesh, batch_size: int, num_batches: int = 0):
+def val_batches(data_config, mesh, batch_size: int, num_batches: int = 0):
   """Global val batches (with 'mask') for this process's share of the split."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import data, sharding  # pylint: disable=g-import-not-at-top
   iterator = data.make_eval_iterator(data_config, batch_size=batch_size // jax.process_count(),
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
@@ -237,7 +236,6 @@ def _eval_batches(data_config, mesh, batch_size: int, num_batches: int = 0):
 def _check_batch_size(batch_size: int, mesh, what: str = "--batch_size") -> None:
   """EvalError (naming `what`, both numbers and the nearest valid size) unless the batch
   splits over the mesh's data x fsdp shards and the processes."""
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   try:
     sharding.check_batch_size(batch_size, mesh, what=what)
   except ValueError as e:
@@ -257,16 +255,13 @@ def _input_kind(config_dict: Dict[str, Any]) -> str:
 
 def make_stage1_eval_step(frozen, *, use_ssim: bool, use_lpips: bool) -> Callable:
   """jitted (params, lpips_params, batch) -> (per-example metrics, indices, x, x_rec)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import export_tokens  # pylint: disable=g-import-not-at-top
   inputs = export_tokens._model_inputs_fn(frozen.config)  # pylint: disable=protected-access
   segmentation = _input_kind(frozen.metadata["config"]) == "segmentation"
   model = frozen.model
 
   def step(params, lpips_params, batch):
     x = inputs(batch)
-    out = model.apply({"params": params}, x, train=False)
+    out = model.apply(vqgan.as_variables(params), x, train=False)
     x_rec = jnp.clip(out["x_rec"], -1.0, 1.0)
     diff = x - x_rec
     mse = jnp.mean(diff * diff, axis=(1, 2, 3))
@@ -276,7 +271,6 @@ def make_stage1_eval_step(frozen, *, use_ssim: bool, use_lpips: bool) -> Callabl
     if use_ssim:
       per["ssim"] = metrics.ssim(x, x_rec, per_image=True)
     if use_lpips:
-      from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
       per["lpips"] = lpips.lpips_distance(lpips_params, x, x_rec)
     if segmentation:
       same = jnp.argmax(x_rec, axis=-1) == jnp.argmax(x, axis=-1)
@@ -299,8 +293,6 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
   `feature_fn(images) -> {'pool': (B, D)}` replaces the Inception network (tests).
   Returns the results dict, also written as JSON unless `write=False`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sharding, train_utils  # pylint: disable=g-import-not-at-top
   start = time.time()
   sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   if config.get("stage", "vqgan") != "vqgan":
@@ -338,7 +330,6 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
   elif not rgb:
     lpips_skipped = FID_SKIPPED_NOT_RGB
   else:
-    from vqgan_jax.models import lpips  # pylint: disable=g-import-not-at-top
     try:
       lpips_params = jax.device_put(lpips.load_lpips_params(), sharding.replicated(mesh))
     except (FileNotFoundError, ValueError) as e:
@@ -352,7 +343,7 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
   hist = metrics.IndexHistogram(frozen.n_embed)
   fake_features, real_features = _Features(), _Features()
   shown_x, shown_rec = [], []
-  for batch in _eval_batches(config.data, mesh, batch_size, num_batches):
+  for batch in val_batches(config.data, mesh, batch_size, num_batches):
     per, indices, x, x_rec = eval_step(frozen.params, lpips_params, batch)
     mask = gather(batch["mask"]).astype(bool)
     for k, v in per.items():
@@ -403,8 +394,8 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
       recons = np.concatenate(shown_rec)[:num_grid_images]
       if not rgb:
         originals, recons = _colorize(originals), _colorize(recons)
-      grid = train_utils.make_grid([originals, recons])
-      results["reconstruction_grid"] = train_utils.save_png(
+      grid = visualize.make_grid([originals, recons], row_labels=["original", "reconstruction"])
+      results["reconstruction_grid"] = visualize.save_png(
           os.path.join(out_dir, f"stage1_step{frozen.step}_reconstructions.png"), grid)
     results["eval_seconds"] = time.time() - start
     results["json"] = os.path.join(out_dir, f"stage1_step{frozen.step}.json")
@@ -427,8 +418,6 @@ def compute_reference_stats(config, output: str, *, inception_weights: Optional[
                             batch_size: Optional[int] = None, num_batches: int = 0,
                             feature_fn: Optional[Callable] = None, mesh=None) -> Dict[str, Any]:
   """Inception mu/sigma of the val split images of config.data, saved as an .npz."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   what = _batch_setting(batch_size)
@@ -441,7 +430,7 @@ def compute_reference_stats(config, output: str, *, inception_weights: Optional[
                       f"(--inception_weights or {INCEPTION_ENV}); see README")
     feature_fn = make_inception_feature_fn(load_inception(weights_path, inception_sha256), mesh)
   stats = metrics.FeatureStats()
-  for batch in _eval_batches(config.data, mesh, batch_size, num_batches):
+  for batch in val_batches(config.data, mesh, batch_size, num_batches):
     mask = gather(batch["mask"]).astype(bool)
     stats.update(gather(feature_fn(batch["image"])["pool"])[mask])
   mu, sigma = stats.stats()
@@ -457,8 +446,6 @@ def compute_reference_stats(config, output: str, *, inception_weights: Optional[
 
 @functools.lru_cache(maxsize=None)
 def _nll_sums_fn():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def nll_sums(logits, targets, weights):
@@ -474,7 +461,6 @@ def _nll_sums_fn():
 
 def token_nll_sums(logits, targets, weights=None) -> Tuple[float, float]:
   """(sum of -log p(target) in nats, sum of weights) for logits (..., V), targets (...)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   targets = jnp.asarray(targets)
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else jnp.asarray(weights)
   nll, weights = _nll_sums_fn()(jnp.asarray(logits), targets, weights)
@@ -573,7 +559,7 @@ def generated_image_metrics(fake_pool: np.ndarray, fake_logits: Optional[np.ndar
 
 
 class Stage2Adapter:
-  """Gives a `stage2_trainer.Stage2Model` the interface `evaluate_stage2` uses.
+  """Gives a `handoff.Stage2Model` the interface `evaluate_stage2` uses.
 
   Bits/token use the trainer's own sequence construction (condition prefix, the fixed
   pseudo-random eval crop of `crop_tokens` models, keys as in Stage2Runner.evaluate), so
@@ -581,27 +567,23 @@ class Stage2Adapter:
   drawn with `sample.token_batches` (the checkpoint's `sampling` options: temperature,
   top-k/p, guidance) for unconditional and class-conditional models (labels cycled over
   the classes), on every device of the mesh, and decoded there; spatial and coordinate
-  conditioning have no generated-image metrics yet.
+  conditioning sample from the val split's condition maps and from uniformly drawn crop
+  origins (see condition_prefix).
   """
 
   def __init__(self, loaded, mesh):
-    from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
     self.loaded = loaded
     self.step = int(loaded.step)
     self.mesh = mesh
-    self._s2 = stage2_trainer
     self._setup = None
     self._logits_fn = None
     self._calls = 0
 
   def _prepare(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
     if self._setup is not None:
       return
     loaded = self.loaded
-    setup = self._s2.Stage2Setup(loaded.config, loaded.first_stage, loaded.cond_stage,
+    setup = handoff.Stage2Sequences(loaded.config, loaded.first_stage, loaded.cond_stage,
                                  num_classes=loaded.layout.num_classes)
     repl = sharding.replicated(self.mesh)
     self._frozen = {"first": jax.device_put(loaded.first_stage.params, repl)}
@@ -623,30 +605,58 @@ class Stage2Adapter:
     """Global val batches with the keys the GPT's sequence needs, and 'mask'."""
     self._prepare()
     keys = self._setup.batch_keys() + ("mask",)
-    for batch in _eval_batches(self.loaded.config.data, self.mesh, batch_size):
+    for batch in val_batches(self.loaded.config.data, self.mesh, batch_size):
       yield {k: batch[k] for k in keys}
 
   def token_logits(self, batch):
-    import jax  # pylint: disable=g-import-not-at-top
     self._prepare()
     key = jax.random.fold_in(self._base_key, self._calls)
     self._calls += 1
     return self._logits_fn(self._params, batch, self._frozen, key)
 
+  def condition_prefix(self, num_samples: int, seed: int = 0) -> np.ndarray:
+    """(num_samples, P) condition tokens to sample from, per conditioning kind:
+    unconditional: the start token; class: labels cycled over the classes; spatial: the
+    val split's condition maps (cycled), centre window, encoded by the conditioning
+    VQGAN; coord: crop origins drawn uniformly over the token grid (seeded)."""
+    loaded, layout = self.loaded, self.loaded.layout
+    if layout.kind == "none":
+      return np.asarray(conditioning.condition_tokens(layout, num_samples))
+    if layout.kind == "class":
+      labels = (np.arange(num_samples) % layout.num_classes).astype(np.int32)
+      return np.asarray(conditioning.condition_tokens(layout, num_samples, labels=labels))
+    if layout.kind == "spatial":
+      data_config = loaded.config.data
+      codes = []
+      while sum(len(c) for c in codes) < num_samples:
+        before = len(codes)
+        for batch in data.make_eval_iterator(data_config, batch_size=16):
+          keep = np.asarray(batch["mask"], bool)
+          grid = sample.encode_inputs(loaded.cond_stage,
+                                      {"segmentation": batch["segmentation"][keep]})
+          codes.append(sample.center_crop_tokens(grid, loaded.window)[0])
+          if sum(len(c) for c in codes) >= num_samples:
+            break
+        if len(codes) == before:
+          raise EvalError("the val split has no condition maps to sample from")
+      cond = np.concatenate(codes)[:num_samples]
+      return np.asarray(conditioning.condition_tokens(layout, num_samples, cond_codes=cond))
+    grid, window = loaded.token_grid, loaded.window
+    spans = (grid[0] - window[0], grid[1] - window[1])
+    rng = np.random.default_rng(seed)
+    origins = tuple(jnp.asarray(rng.integers(0, s + 1, num_samples)) for s in spans)
+    return np.asarray(conditioning.condition_tokens(layout, num_samples, origins=origins,
+                                                    spans=spans))
+
   def generate_images(self, rng, num_samples: int, batch_size: int):
     """Yields {"image": global (batch, H, W, 3) images split over the mesh's batch axes,
-    "mask": (batch,) real samples (the last batch is padded)}."""
-    from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
-    loaded, layout = self.loaded, self.loaded.layout
-    if layout.kind not in ("none", "class"):
-      raise NotImplementedError(f"generated-image metrics for {layout.kind!r} conditioning")
+    "mask": (batch,) real samples (the last batch is padded)}, for every kind of
+    conditioning (see condition_prefix)."""
+    loaded = self.loaded
     self._prepare()
     opts = sample.SamplingOptions.from_config(loaded.config.get("sampling", {}),
                                               batch_size=batch_size)
-    labels = None
-    if layout.kind == "class":
-      labels = (np.arange(num_samples) % layout.num_classes).astype(np.int32)
-    prefix = np.asarray(self._s2.condition_tokens(layout, num_samples, labels=labels))
+    prefix = self.condition_prefix(num_samples)
     for tokens, real in sample.token_batches(loaded, prefix, rng, opts, self.mesh,
                                              params=self._params):
       images = sample.decode_rows(loaded.first_stage, self._frozen["first"], tokens,
@@ -660,22 +670,15 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
                     reference_stats: Optional[str] = None, output_json: Optional[str] = None,
                     batch_size: Optional[int] = None, seed: int = 0,
                     feature_fn: Optional[Callable] = None, mesh=None,
-                    write: bool = True) -> Dict[str, Any]:
-  """Bits/token on val tokens and sample metrics of a stage-2 workdir (see module doc)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sharding, train_utils  # pylint: disable=g-import-not-at-top
+                    write: bool = True, model=None,
+                    first_stage_workdir: Optional[str] = None,
+                    cond_stage_workdir: Optional[str] = None) -> Dict[str, Any]:
+  """Bits/token on val tokens and sample metrics of a stage-2 workdir (see module doc).
+
+  `model`: an object with Stage2Adapter's interface (step, eval_token_batches,
+  token_logits, generate_images) to evaluate instead of the workdir's checkpoint.
+  """
   start = time.time()
-  try:
-    from vqgan_jax import stage2_trainer  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "stage-2 evaluation needs vqgan_jax.stage2_trainer.load_stage2(workdir, step), which "
-        f"this checkout does not have ({e})") from e
-  load_stage2 = getattr(stage2_trainer, "load_stage2", None)
-  if load_stage2 is None:
-    raise NotImplementedError(
-        "stage-2 evaluation needs vqgan_jax.stage2_trainer.load_stage2(workdir, step); the "
-        "stage-2 trainer does not define it yet")
   sharding.maybe_initialize_distributed()
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   what = _batch_setting(batch_size)
@@ -689,20 +692,17 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
     feature_fn = make_inception_feature_fn(load_inception(weights_path, inception_sha256), mesh)
   ref_stats = _load_reference_stats(reference_stats)
 
-  model = load_stage2(workdir, step=step)
-  if not hasattr(model, "token_logits") and hasattr(model, "layout") and \
-      hasattr(model, "first_stage"):
-    model = Stage2Adapter(model, mesh)  # a stage2_trainer.Stage2Model
-  step = int(getattr(model, "step", step if step is not None else -1))
+  if model is None:
+    model = Stage2Adapter(handoff.load_stage2(
+        workdir, step=step, first_stage_workdir=first_stage_workdir,
+        cond_stage_workdir=cond_stage_workdir), mesh)
+  step = int(model.step)
   results: Dict[str, Any] = {"stage": "transformer", "step": step,
                              "workdir": os.path.abspath(workdir)}
-  if hasattr(model, "token_logits") and hasattr(model, "eval_token_batches"):
-    results.update(bits_per_token(model.token_logits, model.eval_token_batches(batch_size)))
-  else:
-    results["bits_per_token_skipped"] = "the stage-2 model has no token_logits/eval_token_batches"
+  results.update(bits_per_token(model.token_logits, model.eval_token_batches(batch_size)))
 
   samples = []
-  if num_samples > 0 and hasattr(model, "generate_images"):
+  if num_samples > 0:
     rng = jax.random.PRNGKey(seed)
     batches = model.generate_images(rng, num_samples, batch_size)
     try:
@@ -727,7 +727,7 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
       real_pool = None
       if "data" in config and config.data.get("name"):
         real_pool, _ = collect_features(
-            feature_fn, (b for b in _eval_batches(config.data, mesh, batch_size)))
+            feature_fn, (b for b in val_batches(config.data, mesh, batch_size)))
       if ref_stats is None and real_pool is None:
         raise EvalError("FID needs --reference_stats or a config.data val split")
       results.update(generated_image_metrics(fake_pool, fake_logits, real_pool=real_pool,
@@ -740,8 +740,8 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
   if write and jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
     if samples:
-      grid = train_utils.make_grid([np.concatenate(samples)[:16]])
-      results["sample_grid"] = train_utils.save_png(
+      grid = visualize.square_grid(np.concatenate(samples)[:64])
+      results["sample_grid"] = visualize.save_png(
           os.path.join(out_dir, f"stage2_step{step}_samples.png"), grid)
     results["eval_seconds"] = time.time() - start
     results["json"] = os.path.join(out_dir, f"stage2_step{step}.json")
@@ -764,7 +764,6 @@ def _real_images(batch) -> np.ndarray:
 
 def _peek(iterable):
   """Starts a generator (so errors raised before its first item surface here)."""
-  import itertools  # pylint: disable=g-import-not-at-top
   iterator = iter(iterable)
   try:
     first = next(iterator)
@@ -775,7 +774,6 @@ def _peek(iterable):
 
 def evaluate(config, workdir: str, **kwargs) -> Dict[str, Any]:
   """Checks config vs checkpoint stage, then runs the stage's evaluation."""
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
   check_stage(config, workdir, kwargs.get("step"))
   if config.stage == "vqgan":
@@ -791,8 +789,6 @@ def evaluate(config, workdir: str, **kwargs) -> Dict[str, Any]:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "The config the workdir was trained with.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The run to evaluate.")
@@ -809,37 +805,36 @@ def _define_flags():
   flags.DEFINE_integer("num_batches", 0, "Stage 1: evaluate only this many batches (0: all).")
   flags.DEFINE_bool("lpips", True, "Stage 1: compute LPIPS.")
   flags.DEFINE_integer("seed", 0, "Stage 2: sampling seed.")
+  flags.DEFINE_string("first_stage_workdir", None, "Stage 2: the VQGAN's workdir when it is "
+                      "neither where training recorded it nor beside the run (moved runs).")
+  flags.DEFINE_string("cond_stage_workdir", None, "Stage 2, spatial: the conditioning "
+                      "VQGAN's workdir, likewise.")
   flags.mark_flag_as_required("config")
 
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    if f.compute_reference_stats:
-      out = compute_reference_stats(f.config, f.compute_reference_stats,
-                                    inception_weights=f.inception_weights,
-                                    inception_sha256=f.inception_sha256,
-                                    batch_size=f.batch_size or None, num_batches=f.num_batches)
-      print(json.dumps(out, indent=2))
-      return
-    if not f.workdir:
-      raise EvalError("--workdir is required (except with --compute_reference_stats)")
-    results = evaluate(
-        f.config, f.workdir, step=None if f.step < 0 else f.step, num_samples=f.num_samples,
-        inception_weights=f.inception_weights, inception_sha256=f.inception_sha256,
-        reference_stats=f.reference_stats, output_json=f.output_json,
-        batch_size=f.batch_size or None, num_batches=f.num_batches, use_lpips=f.lpips,
-        seed=f.seed)
-  except (checkpointing.CheckpointError, EvalError, FileNotFoundError, KeyError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if f.compute_reference_stats:
+    out = compute_reference_stats(f.config, f.compute_reference_stats,
+                                  inception_weights=f.inception_weights,
+                                  inception_sha256=f.inception_sha256,
+                                  batch_size=f.batch_size or None, num_batches=f.num_batches)
+    print(json.dumps(out, indent=2))
+    return
+  if not f.workdir:
+    raise EvalError("--workdir is required (except with --compute_reference_stats)")
+  results = evaluate(
+      f.config, f.workdir, step=None if f.step < 0 else f.step, num_samples=f.num_samples,
+      inception_weights=f.inception_weights, inception_sha256=f.inception_sha256,
+      reference_stats=f.reference_stats, output_json=f.output_json,
+      batch_size=f.batch_size or None, num_batches=f.num_batches, use_lpips=f.lpips,
+      seed=f.seed, **({"first_stage_workdir": f.first_stage_workdir,
+                       "cond_stage_workdir": f.cond_stage_workdir}
+                      if f.config.get("stage") == "transformer" else {}))
   print(json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -6,8 +6,8 @@
       [--cond_workdir SEG_VQGAN_DIR [--cond_step N]]
 
 writes OUT/<split>/metadata.json and one shard per process,
-OUT/<split>/tokens-<split>-<p:05d>-of-<P:05d>.array_record (format: `vqgan_jax.tokens`,
-which also reads them). `--config` gives the data pipeline (and, for a stage-1 config,
+OUT/<split>/tokens-<split>-<p:05d>-of-<P:05d>.array_record (format and reader:
+`vqgan_jax.data.tokens`; `python -m vqgan_jax.decode_tokens` turns them back into images). `--config` gives the data pipeline (and, for a stage-1 config,
 must describe the same model as the checkpoint); the model itself comes from the
 checkpoint in `--workdir`.
 
@@ -33,18 +33,24 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import types
 from typing import Any, Dict, Optional
 
+import grain
+import jax
 import numpy as np
+from absl import flags
+from array_record.python import array_record_module
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-# The exporter reuses data.py's private loaders and crop helpers so its base views are
+# The exporter reuses the input pipeline's loaders and crop helpers so its base views are
 # exactly the pixels the evaluation pipeline produces.
-# pylint: disable=protected-access
-from vqgan_jax import data
-from vqgan_jax import tokens as tokens_lib
+from vqgan_jax import cli
+from vqgan_jax import checkpointing, data, handoff, sharding
+from vqgan_jax.data import tokens as tokens_lib
+from vqgan_jax.models import vqgan
 
 HEADER_FIELDS = ("label", "source_index", "crop_index", "flipped", "crop_y", "crop_x")
 # Fills the last batch. Not None: grain drops None elements as filtered out.
@@ -176,24 +182,21 @@ def _input_kind(config) -> str:
 
 
 def _model_inputs_fn(config):
-  """The stage-1 model's input from a batch (stage1_trainer.model_inputs semantics)."""
-  from vqgan_jax import stage1_trainer  # pylint: disable=g-import-not-at-top
+  """The stage-1 model's input from a batch (handoff.model_inputs semantics)."""
   shim = types.SimpleNamespace(
       data=types.SimpleNamespace(input=_input_kind(config)),
       model=types.SimpleNamespace(in_channels=int(config.model.in_channels)))
-  return lambda batch: stage1_trainer.model_inputs(batch, shim)
+  return lambda batch: handoff.model_inputs(batch, shim)
 
 
 def make_encode_fn(frozen, mesh):
   """jitted (params, batch) -> (B, h, w) int32 indices, batch-sharded over the mesh."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   inputs = _model_inputs_fn(frozen.config)
   model = frozen.model
 
   def encode(params, batch):
-    return model.apply({"params": params}, inputs(batch), method=vqgan.VQModel.encode_to_indices)
+    return model.apply(vqgan.as_variables(params), inputs(batch),
+                       method=vqgan.VQModel.encode_to_indices)
 
   return jax.jit(encode, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
@@ -201,7 +204,6 @@ def make_encode_fn(frozen, mesh):
 
 def local_rows(array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in local batch order."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return np.asarray(array)
   shards = {}
@@ -211,9 +213,7 @@ def local_rows(array) -> np.ndarray:
 
 
 def _barrier(name: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -244,9 +244,6 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
                   cond_workdir: Optional[str] = None, cond_step: Optional[int] = None,
                   batch_size: Optional[int] = None, mesh=None) -> Dict[str, Any]:
   """Encodes `split` of config.data with the VQGAN of `workdir`; returns the metadata."""
-  import grain  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
 
   start_time = time.time()
   sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
@@ -315,7 +312,6 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
   _barrier("export_tokens:tmp")
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   shard_file = tokens_lib.shard_name(split, p, num_p)
   writer = None
   try:
@@ -426,8 +422,6 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config with the data pipeline (the stage-1 "
                                   "config the workdir was trained with).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Stage-1 workdir (its newest checkpoint unless --step).")
@@ -446,25 +440,18 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    meta = export_tokens(
-        f.config, f.workdir, f.output, split=f.split, overwrite=f.overwrite,
-        flip_copies=f.flip_copies, num_crops=f.num_crops,
-        seed=None if f.seed < 0 else f.seed, step=None if f.step < 0 else f.step,
-        cond_workdir=f.cond_workdir, cond_step=None if f.cond_step < 0 else f.cond_step,
-        batch_size=f.batch_size or None)
-  except (ExportError, checkpointing.CheckpointError, tokens_lib.TokenFormatError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  meta = export_tokens(
+      f.config, f.workdir, f.output, split=f.split, overwrite=f.overwrite,
+      flip_copies=f.flip_copies, num_crops=f.num_crops,
+      seed=None if f.seed < 0 else f.seed, step=None if f.step < 0 else f.step,
+      cond_workdir=f.cond_workdir, cond_step=None if f.cond_step < 0 else f.cond_step,
+      batch_size=f.batch_size or None)
   print(f"wrote {meta['num_records']} {meta['split']} records "
         f"({meta['grid_shape'][0]}x{meta['grid_shape'][1]} tokens, codebook "
         f"{meta['codebook_size']}) to {os.path.join(f.output, meta['split'])}")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -166,6 +166,25 @@ def code_perplexity(counts: ArrayLike) -> float:
   return float(2.0 ** code_entropy(counts))
 
 
+def code_statistics(counts: ArrayLike, prefix: str = "") -> dict:
+  """{prefix}codebook_usage (% of codes hit) and {prefix}code_perplexity of code counts."""
+  counts = np.asarray(counts, np.float64)
+  if counts.sum() <= 0:
+    return {f"{prefix}codebook_usage": 0.0, f"{prefix}code_perplexity": 0.0}
+  return {f"{prefix}codebook_usage": codebook_usage(counts),
+          f"{prefix}code_perplexity": code_perplexity(counts)}
+
+
+def unigram_cross_entropy_bits(train_counts: ArrayLike, val_counts: ArrayLike,
+                               alpha: float = 0.5) -> float:
+  """Bits per val token of a unigram model fitted on train counts (add-alpha smoothing):
+  the baseline a stage-2 model's val bits per token must beat."""
+  train_counts = np.asarray(train_counts, np.float64) + alpha
+  q = train_counts / train_counts.sum()
+  val_counts = np.asarray(val_counts, np.float64)
+  return float(-(val_counts * np.log2(q)).sum() / max(val_counts.sum(), 1.0))
+
+
 class IndexHistogram:
   """Streaming histogram of code indices (np.bincount over batches).
 

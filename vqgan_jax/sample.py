@@ -41,9 +41,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from vqgan_jax import (checkpointing, data, sampling, sharding, stage1_trainer, stage2_trainer,
-                       train_utils)
+from vqgan_jax import (checkpointing, cli, conditioning, data, handoff,
+                       sampling, sharding, visualize)
 from vqgan_jax.models import vqgan
 
 
@@ -73,7 +75,7 @@ def check_options(metadata: Dict[str, Any], opts: SamplingOptions, mesh=None,
   """Validates options against a checkpoint's metadata (before anything is sampled) and,
   with `mesh`, the batch size against its batch shards (`batch_what` names the setting);
   returns the class labels to draw (class-conditional models) or []."""
-  layout = stage2_trainer.VocabLayout.from_dict(metadata["vocab"])
+  layout = conditioning.VocabLayout.from_dict(metadata["vocab"])
   if opts.temperature < 0:
     raise ValueError(f"temperature={opts.temperature} must be >= 0 (0 = greedy)")
   if opts.top_k < 0:
@@ -111,13 +113,13 @@ def check_options(metadata: Dict[str, Any], opts: SamplingOptions, mesh=None,
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _decode(model: vqgan.VQModel, params, indices):
-  x = model.apply({"params": params}, indices, method=vqgan.VQModel.decode_indices)
+  x = model.apply(vqgan.as_variables(params), indices, method=vqgan.VQModel.decode_indices)
   return jnp.clip(x, -1.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _encode(model: vqgan.VQModel, params, x):
-  return model.apply({"params": params}, x, method=vqgan.VQModel.encode_to_indices)
+  return model.apply(vqgan.as_variables(params), x, method=vqgan.VQModel.encode_to_indices)
 
 
 def decode(frozen, indices) -> np.ndarray:
@@ -127,7 +129,7 @@ def decode(frozen, indices) -> np.ndarray:
 
 def encode_inputs(frozen, batch) -> np.ndarray:
   """Token grid of a batch under a frozen VQGAN (its own data.input: image or segmentation)."""
-  x = stage1_trainer.model_inputs({k: jnp.asarray(v) for k, v in batch.items()}, frozen.config)
+  x = handoff.model_inputs({k: jnp.asarray(v) for k, v in batch.items()}, frozen.config)
   return np.asarray(_encode(frozen.model, frozen.params, x))
 
 
@@ -143,7 +145,7 @@ def sample_sliding_window_coord(params, model, layout, grid_h: int, grid_w: int,
   spans = (grid_h - window_h, grid_w - window_w)
 
   def prefix(top, left):
-    return stage2_trainer.condition_tokens(
+    return conditioning.condition_tokens(
         layout, batch, origins=(jnp.full((batch,), top), jnp.full((batch,), left)), spans=spans)
 
   return sampling.sliding_window_loop(params, model, prefix, layout.prefix_len(), batch, grid_h,
@@ -226,7 +228,7 @@ def draw_tokens(loaded, prefix: np.ndarray, key, opts: SamplingOptions, mesh=Non
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _decode_rows(model: vqgan.VQModel, params, tokens, grid):
   indices = tokens.reshape((tokens.shape[0],) + tuple(grid))
-  x = model.apply({"params": params}, indices, method=vqgan.VQModel.decode_indices)
+  x = model.apply(vqgan.as_variables(params), indices, method=vqgan.VQModel.decode_indices)
   return jnp.clip(x, -1.0, 1.0)
 
 
@@ -239,7 +241,7 @@ def decode_rows(frozen, params, tokens: jax.Array, grid) -> jax.Array:
 
 def colorize(segmentation: np.ndarray) -> np.ndarray:
   """Segment ids (B, H, W) -> RGB in [-1, 1] with a fixed palette."""
-  return train_utils.colorize_segments(segmentation)
+  return visualize.colorize_segments(segmentation)
 
 
 def spatial_regions(data_config, size: int, count: int):
@@ -266,25 +268,35 @@ def spatial_regions(data_config, size: int, count: int):
   return np.stack(segs), np.stack(images)
 
 
-def _rows_png(path: str, rows: Sequence[np.ndarray], per_row: int = 8) -> str:
-  """Writes rows of images (process 0 only); long single rows are wrapped into several."""
-  if len(rows) == 1 and rows[0].shape[0] > per_row:
-    images = rows[0]
-    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+def _grid_png(path: str, images: np.ndarray, labels: Optional[Sequence[str]] = None) -> str:
+  """Writes samples as a near-square, upscaled grid, each captioned (process 0 only)."""
+  if labels is None:
+    labels = [f"#{i}" for i in range(len(images))]
   if jax.process_index() == 0:
-    grid = train_utils.make_grid(list(rows))
-    train_utils.save_png(path, grid)
+    visualize.save_png(path, visualize.square_grid(images, labels))
     print(f"wrote {path}")
   return path
 
 
-def _center_crop_tokens(grid: np.ndarray, window) -> tuple:
+def _rows_png(path: str, rows: Sequence[np.ndarray], row_labels: Sequence[str]) -> str:
+  """Writes labelled rows of images (e.g. map / original / sample), process 0 only."""
+  if jax.process_index() == 0:
+    count = max(r.shape[0] for r in rows)
+    grid = visualize.make_grid(list(rows), row_labels=list(row_labels),
+                               col_labels=[f"#{i}" for i in range(count)])
+    visualize.save_png(path, grid)
+    print(f"wrote {path}")
+  return path
+
+
+def center_crop_tokens(grid: np.ndarray, window) -> tuple:
+  """The centred window of token grids (B, H, W) and its origin (y, x)."""
   gh, gw = grid.shape[1:3]
   y, x = (gh - window[0]) // 2, (gw - window[1]) // 2
   return grid[:, y:y + window[0], x:x + window[1]], (y, x)
 
 
-def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
+def generate(loaded: handoff.Stage2Model, output_dir: str,
              opts: SamplingOptions, mesh=None) -> Dict[str, str]:
   """Samples as described in the module docstring, the window-sized ones drawn on every
   device of `mesh` (default: the mesh of the checkpoint's config); returns
@@ -306,46 +318,50 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
   # ----- samples at the trained window size
   if layout.kind == "class":
     labels = np.repeat(np.asarray(classes, np.int32), opts.num_samples_per_class)
-    prefix = np.asarray(stage2_trainer.condition_tokens(layout, len(labels), labels=labels))
+    prefix = np.asarray(conditioning.condition_tokens(layout, len(labels), labels=labels))
     images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     names = data.PHOTO_NAMES if config.data.name == "photos" else ()
     for n, c in enumerate(classes):
       name = f"class_{c:04d}" + (f"_{names[c]}" if c < len(names) else "")
       part = images[n * opts.num_samples_per_class:(n + 1) * opts.num_samples_per_class]
-      written[name] = _rows_png(os.path.join(output_dir, name + ".png"), [part])
+      label = names[c] if c < len(names) else f"class {c}"
+      written[name] = _grid_png(os.path.join(output_dir, name + ".png"), part,
+                                [f"{label} #{i}" for i in range(len(part))])
   elif layout.kind == "none":
-    prefix = np.asarray(stage2_trainer.condition_tokens(layout, opts.num_samples))
+    prefix = np.asarray(conditioning.condition_tokens(layout, opts.num_samples))
     images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
-    written["unconditional"] = _rows_png(os.path.join(output_dir, "unconditional.png"), [images])
+    written["unconditional"] = _grid_png(os.path.join(output_dir, "unconditional.png"), images)
   elif layout.kind == "spatial":
     batch = next(iter(data.make_eval_iterator(config.data, batch_size=opts.num_samples)))
     batch = {k: v for k, v in batch.items() if k in ("image", "segmentation")}
-    codes, (y, x) = _center_crop_tokens(encode_inputs(cond, batch), window)
-    prefix = np.asarray(stage2_trainer.condition_tokens(layout, codes.shape[0], cond_codes=codes))
+    codes, (y, x) = center_crop_tokens(encode_inputs(cond, batch), window)
+    prefix = np.asarray(conditioning.condition_tokens(layout, codes.shape[0], cond_codes=codes))
     images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
     py, px, ph, pw = y * f, x * f, window[0] * f, window[1] * f
     seg = batch["segmentation"][:, py:py + ph, px:px + pw]
     real = batch["image"][:, py:py + ph, px:px + pw]
     written["spatial_conditioned"] = _rows_png(
-        os.path.join(output_dir, "spatial_conditioned.png"), [colorize(seg), real, images])
+        os.path.join(output_dir, "spatial_conditioned.png"), [colorize(seg), real, images],
+        ["condition map", "original", "sample"])
   else:  # coord
     grid = loaded.token_grid
     spans = (grid[0] - window[0], grid[1] - window[1])
     rng = np.random.default_rng(opts.seed)
     origins = (rng.integers(0, spans[0] + 1, opts.num_samples),
                rng.integers(0, spans[1] + 1, opts.num_samples))
-    prefix = np.asarray(stage2_trainer.condition_tokens(
+    prefix = np.asarray(conditioning.condition_tokens(
         layout, opts.num_samples, origins=tuple(jnp.asarray(o) for o in origins), spans=spans))
     images = decode(first, draw(loaded, prefix, jax.random.fold_in(key, 0)))
-    written["coord_conditioned"] = _rows_png(os.path.join(output_dir, "coord_conditioned.png"),
-                                             [images])
+    written["coord_conditioned"] = _grid_png(
+        os.path.join(output_dir, "coord_conditioned.png"), images,
+        [f"y{int(oy)} x{int(ox)}" for oy, ox in zip(*origins)])
 
   # ----- one sliding-window image set, sliding_window_factor x the window per side
   big = (opts.sliding_window_factor * window[0], opts.sliding_window_factor * window[1])
   count = min(opts.num_samples, 4)
   skey = jax.random.fold_in(key, 1)
   variables = {"params": loaded.params}
-  rows = []
+  rows, row_labels = [], []
   if layout.kind == "coord":
     tokens = sample_sliding_window_coord(
         variables, loaded.model, layout, big[0], big[1], window[0], window[1], count, skey,
@@ -359,20 +375,26 @@ def generate(loaded: stage2_trainer.Stage2Model, output_dir: str,
         raise ValueError(f"the conditioning VQGAN gives a {spatial.shape[1:]} grid for a "
                          f"{big[0] * f}px region; expected {big}")
       rows = [colorize(seg), real]
+      row_labels = ["condition map", "original"]
       prefix = None
       spatial = jnp.asarray(spatial + layout.offset("spatial"), jnp.int32)
     elif layout.kind == "class":
       labels = np.asarray(classes[:count], np.int32)
-      prefix = stage2_trainer.condition_tokens(layout, len(labels), labels=labels)
+      prefix = conditioning.condition_tokens(layout, len(labels), labels=labels)
     else:
-      prefix = stage2_trainer.condition_tokens(layout, count)
+      prefix = conditioning.condition_tokens(layout, count)
     tokens = sampling.sample_sliding_window(
         variables, loaded.model, prefix, big[0], big[1], window[0], window[1], skey,
         temperature=opts.temperature, top_k=top_k, top_p=top_p, spatial_cond=spatial,
         num_image_codes=layout.n_codes)
   images = decode(first, np.asarray(tokens))
+  sample_label = f"sample {big[0]}x{big[1]} tokens"
+  if layout.kind == "class":
+    names = data.PHOTO_NAMES if config.data.name == "photos" else ()
+    sample_label += " (" + ", ".join(names[c] if c < len(names) else str(c)
+                                     for c in classes[:count]) + ")"
   written["sliding_window"] = _rows_png(os.path.join(output_dir, "sliding_window.png"),
-                                        rows + [images])
+                                        rows + [images], row_labels + [sample_label])
   return written
 
 
@@ -384,26 +406,46 @@ def run_sampling(workdir: str, output_dir: str, config=None, step: Optional[int]
   are drawn on `mesh` (default: `mesh` of that config over all devices).
   Every option is checked before the model is restored or anything is sampled."""
   sharding.maybe_initialize_distributed()  # before anything touches the JAX backend
-  metadata, step = stage2_trainer.read_stage2_metadata(workdir, step)
+  metadata, step = handoff.read_stage2_metadata(workdir, step)
   if config is not None and config.model.attention != metadata["attention"]:
     raise checkpointing.CheckpointError(
         f"{workdir} step {step} holds a GPT trained with {metadata['attention']!r} attention "
         f"but the config asks for {config.model.attention!r} (model.attention)")
   run_config = config if config is not None else checkpointing.config_from_dict(
       metadata["config"])
+  if overrides.get("classes"):
+    overrides["classes"] = class_ids(overrides["classes"], run_config.data)
   opts = SamplingOptions.from_config(run_config.sampling, **overrides)
   mesh = mesh if mesh is not None else sharding.make_mesh(run_config.mesh)
   check_options(metadata, opts, mesh, batch_what="--batch_size" if overrides.get("batch_size")
                 else "sampling.batch_size")
-  loaded = stage2_trainer.load_stage2(
+  loaded = handoff.load_stage2(
       workdir, step, attention=config.model.attention if config is not None else None,
       first_stage_workdir=first_stage_workdir)
   return generate(loaded, output_dir, opts, mesh)
 
 
+def class_ids(classes: Sequence[Any], data_config) -> List[int]:
+  """Class ids from ids or names (`--classes astronaut,3`): names are looked up in the
+  training data's class names (photo names, folder names, TFDS label names)."""
+  ids, names = [], None
+  for c in classes:
+    text = str(c).strip()
+    if text.lstrip("-").isdigit():
+      ids.append(int(text))
+      continue
+    if names is None:
+      names = list(data.dataset_info(data_config)["class_names"])
+    if text not in names:
+      raise ValueError(f"--classes: {text!r} is neither a class id nor a class name of the "
+                       f"training data ({', '.join(names[:20])}{' ...' if len(names) > 20 else ''})")
+    ids.append(names.index(text))
+  return ids
+
+
 def run_from_flags(f) -> Dict[str, str]:
   """run_sampling with the options of parsed flags (see define_flags)."""
-  classes = [int(c) for c in f.classes] if f.classes else None
+  classes = list(f.classes) if f.classes else None
   return run_sampling(f.workdir, f.output, config=f.config, step=f.step,
                first_stage_workdir=f.first_stage_workdir, seed=f.seed,
                temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, cfg_scale=f.cfg_scale,
@@ -414,14 +456,11 @@ def run_from_flags(f) -> Dict[str, str]:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   run_from_flags(flags.FLAGS)
 
 
 def define_flags(flag_values=None):
   """Defines the CLI flags on `flag_values` (default: absl's global FLAGS)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   fv = flag_values if flag_values is not None else flags.FLAGS
   config_flags.DEFINE_config_file(
       "config", None, "Stage-2 config (sampling defaults; its model.attention must match the "
@@ -442,7 +481,8 @@ def define_flags(flag_values=None):
   flags.DEFINE_integer("num_samples", None, "Samples (unconditional / spatial / coord).",
                        flag_values=fv)
   flags.DEFINE_integer("num_samples_per_class", None, "Samples per class.", flag_values=fv)
-  flags.DEFINE_list("classes", None, "Class labels to sample (default: all).", flag_values=fv)
+  flags.DEFINE_list("classes", None, "Classes to sample, by id or name, e.g. 0,3 or "
+                    "astronaut,rocket (default: all).", flag_values=fv)
   flags.DEFINE_integer("sliding_window_factor", None,
                        "Sliding-window canvas = this x the trained window per side.",
                        flag_values=fv)
@@ -453,6 +493,5 @@ def define_flags(flag_values=None):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(main)

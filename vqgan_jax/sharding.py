@@ -29,6 +29,8 @@ process, for images), `data_state_restorable` (whether a checkpoint's per-proces
 iterator states fit the current process count).
 """
 
+import importlib.util
+import logging
 import os
 import re
 from typing import Any, Optional, Sequence, Tuple
@@ -36,8 +38,13 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vqgan_jax.models import quantizer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -68,9 +75,13 @@ GPT_RULES = (
 STACKED_PATTERN = r"(^|/)blocks/"
 
 # Stage-1 VQGAN: convolutions get generic FSDP only; the codebook (n_embed, dim) is split
-# over `tensor` by codes.
+# over `tensor` by codes, and so is the per-code quantizer state kept under "vq_stats"
+# (vq_ema's EMA codebook -- its `embedding` matches the first rule -- sums and counts,
+# simvq's frozen basis); fsq and lfq have no codebook array.
 VQGAN_RULES = (
     (r"quantize/embedding$", ("tensor", None)),
+    (r"vq_stats/quantize/(embed_avg|basis)$", ("tensor", None)),
+    (r"vq_stats/quantize/cluster_size$", ("tensor",)),
 )
 
 
@@ -180,7 +191,6 @@ def _tpu_vm_evidence_here() -> Optional[str]:
   """cloud_tpu_vm_evidence for this process: its environment with the platforms JAX will
   use (jax_platforms, set in code or from JAX_PLATFORMS; reading it starts nothing), its
   /dev, and libtpu installed (found, not imported) or named by TPU_LIBRARY_PATH."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   env = dict(os.environ)
   platforms = jax.config.jax_platforms
   if platforms:
@@ -208,7 +218,6 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
   automatic start that fails says how to opt out; one that comes after the backend has
   started (the caller used JAX first) is skipped with a warning.
   """
-  import logging  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
   choice = os.environ.get("VQGAN_DISTRIBUTED", "").strip()
@@ -287,6 +296,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def place(tree, sharding_, abstract: bool = False):
+  """Puts a pytree on devices with `sharding_`, or (abstract=True, for ahead-of-time
+  compilation) describes it as ShapeDtypeStructs carrying that sharding."""
+  if abstract:
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
+  return jax.device_put(tree, sharding_)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -353,7 +371,6 @@ def host_array(x: jax.Array) -> np.ndarray:
   """
   if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
     return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -462,7 +479,6 @@ def sharded_nearest_code(z: jax.Array, codebook: jax.Array, mesh: Optional[Mesh]
   The index is not differentiable; inputs are stop-gradient'ed so that the function can
   sit inside a differentiated forward pass.
   """
-  from vqgan_jax.models import quantizer  # pylint: disable=g-import-not-at-top
   z, codebook = lax.stop_gradient(z), lax.stop_gradient(codebook)
   if mesh is None or mesh.shape[axis] == 1 or codebook.shape[0] % mesh.shape[axis]:
     # quantizer.nearest_code, spelled out: this function may be installed in its place.
@@ -492,7 +508,6 @@ def data_state_restorable(manager, step: int) -> bool:
   any mesh, but after a change in the number of processes there is no state for this
   process: the trainer then starts a fresh (reseeded) data stream instead of failing.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   folder = epath.Path(manager.directory) / str(step) / "data"
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   return (folder / name).exists()

@@ -31,9 +31,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vqgan_jax import sharding
+from vqgan_jax.models import transformer
 
 GIB = 1024 ** 3
 
@@ -97,7 +99,8 @@ def topology_mesh(topology: str, mesh_shape: Sequence[int]) -> Mesh:
   # Nothing runs on a chip here, so several dry runs (and the tests) may load libtpu at
   # once instead of waiting on its single-user lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import mesh_utils, topologies  # pylint: disable=g-import-not-at-top  (loads libtpu)
+  from jax.experimental import (  # pylint: disable=g-import-not-at-top  (loads libtpu)
+      mesh_utils, topologies)
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
   except Exception as e:  # pylint: disable=broad-except
@@ -287,7 +290,6 @@ def cache_struct(cache, mesh: Mesh, scanned: bool):
 def decode_step_fn(gpt):
   """One KV-cache decoding step as the sampler runs it (params replicated, no mesh
   context: `vqgan_jax.sampling`)."""
-  from vqgan_jax.models import transformer  # pylint: disable=g-import-not-at-top
   def step(params, tokens, position, cache):
     return gpt.apply({"params": params}, tokens, position, cache,
                      method=transformer.GPT.decode_step)

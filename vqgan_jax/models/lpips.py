@@ -246,3 +246,10 @@ def load_lpips_params(path: Optional[str] = None,
   path = os.path.abspath(path if path is not None else default_weights_path())
   tree = _load_cached(path, expected_sha256)
   return jax.tree_util.tree_map(lambda a: a, tree)
+
+
+def abstract_params():
+  """Shapes of the LPIPS network's parameters (no weight file read)."""
+  x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+  return jax.eval_shape(lambda a, b: LPIPS().init(jax.random.PRNGKey(0), a, b), x, x)[
+      "params"]

@@ -1,4 +1,4 @@
-"""Reading exported stage-1 tokens (see `vqgan_jax.export_tokens`), and decoding them.
+"""Reading exported stage-1 tokens (written by `vqgan_jax.export_tokens`).
 
 Layout of a tokens folder (`--output OUT` of the exporter):
 
@@ -23,25 +23,20 @@ Public API:
       checkpointable (get_state/set_state, grain.checkpoint.CheckpointSave/Restore)
   make_token_eval_iterator / num_token_eval_batches       one deterministic padded pass
       (batches carry 'mask', False on padding), as data.make_eval_iterator
-  decode_to_images(tokens, frozen_stage1, batch_size)     tokens -> images in [-1, 1]
 
-Command line:
-  python -m vqgan_jax.tokens decode --tokens OUT [--split validation] \\
-      [--workdir STAGE1_DIR] [--step N] --output PNG_DIR [--limit N] [--batch_size 16]
-writes PNG_DIR/<index:06d>.png for each record (index = position in TokenSource).
+Decoding tokens back to images: `python -m vqgan_jax.decode_tokens`.
 """
 
-import argparse
 import dataclasses
-import hashlib
 import json
-import logging
 import math
 import os
-import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+import grain
 import numpy as np
+
+from vqgan_jax.data import common
 
 FORMAT_NAME = "vqgan_jax.tokens"
 FORMAT_VERSION = 1
@@ -219,7 +214,6 @@ class TokenSource:
   """
 
   def __init__(self, tokens_dir: str, split: Optional[str] = None):
-    import grain  # pylint: disable=g-import-not-at-top
     self.directory = split_dir(tokens_dir, split)
     self.metadata = read_metadata(self.directory, split)
     self.codec = RecordCodec(self.metadata["record_layout"])
@@ -279,19 +273,7 @@ class TokenSource:
 # ------------------------------------------------------------------------- iterators
 
 
-def _derive_seed(*parts) -> int:
-  digest = hashlib.sha256(repr(parts).encode()).digest()
-  return int.from_bytes(digest[:4], "little")
-
-
-def _check_process(process_index: int, process_count: int) -> None:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got "
-                     f"{process_index}, {process_count}")
-
-
 def _read_options():
-  import grain  # pylint: disable=g-import-not-at-top
   threads = max(1, min(4, os.cpu_count() or 1))
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
@@ -304,8 +286,7 @@ def make_token_train_dataset(tokens_dir: str, *, batch_size: int, seed: int,
   `batch_size` is per process; process p reads records p, p + P, ... Batches are dicts of
   int32 arrays with a leading batch dimension ('tokens' (B, h, w), 'label' (B,), ...).
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  _check_process(process_index, process_count)
+  common.check_process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   source = TokenSource(tokens_dir, split)
@@ -313,7 +294,7 @@ def make_token_train_dataset(tokens_dir: str, *, batch_size: int, seed: int,
   if len(ds) < batch_size:
     raise ValueError(f"{source.directory}: process {process_index} of {process_count} has "
                      f"{len(ds)} records, fewer than one batch of {batch_size}")
-  ds = ds.shuffle(seed=_derive_seed(seed, "tokens-shuffle")).repeat()
+  ds = ds.shuffle(seed=common.derive_seed(seed, "tokens-shuffle")).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.to_iter_dataset(_read_options())
 
@@ -363,8 +344,7 @@ def make_token_eval_iterator(tokens_dir: str, *, batch_size: int, process_index:
   zero examples whose 'mask' is False, so every process runs the same number of
   equally shaped batches. With drop_remainder=True only full batches of real records.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  _check_process(process_index, process_count)
+  common.check_process(process_index, process_count)
   source = TokenSource(tokens_dir, split)
   n = num_token_eval_batches(len(source), batch_size, process_count, drop_remainder)
   shard = list(range(process_index, len(source), process_count))[:n * batch_size]
@@ -372,117 +352,3 @@ def make_token_eval_iterator(tokens_dir: str, *, batch_size: int, process_index:
   template = source[0] if len(source) else {}
   ds = grain.MapDataset.source(shard).map(_EvalRead(source, template)).batch(batch_size)
   return ds.to_iter_dataset(_read_options())
-
-
-# ------------------------------------------------------------------------- decoding
-
-
-def make_decode_fn(frozen):
-  """jitted (params, (B, h, w) int32 indices) -> images in [-1, 1] (clipped)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import vqgan  # pylint: disable=g-import-not-at-top
-  model = frozen.model
-
-  @jax.jit
-  def decode(params, indices):
-    images = model.apply({"params": params}, indices, method=vqgan.VQModel.decode_indices)
-    return jnp.clip(images, -1.0, 1.0)
-
-  return decode
-
-
-def decode_to_images(tokens: np.ndarray, frozen, batch_size: int = 16, decode_fn=None):
-  """(N, h, w) indices -> (N, H, W, C) float32 images in [-1, 1], in fixed-size batches.
-
-  The last batch is padded with code 0 so there is a single compiled shape.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  decode_fn = decode_fn or make_decode_fn(frozen)
-  out = []
-  for start in range(0, len(tokens), batch_size):
-    chunk = tokens[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.int32)])
-    out.append(np.asarray(decode_fn(frozen.params, chunk))[:n])
-  if not out:
-    return np.zeros((0,), np.float32)
-  return np.concatenate(out)
-
-
-def decode_command(tokens_dir: str, output: str, workdir: Optional[str] = None,
-                   split: Optional[str] = None, step: Optional[int] = None,
-                   limit: int = 0, batch_size: int = 16) -> List[str]:
-  """Decodes exported tokens to PNG_DIR/<index:06d>.png; returns the written paths."""
-  from vqgan_jax import checkpointing, train_utils  # pylint: disable=g-import-not-at-top
-  source = TokenSource(tokens_dir, split)
-  meta = source.metadata
-  stage1_meta = meta.get("stage1", {})
-  workdir = workdir or stage1_meta.get("workdir")
-  if not workdir:
-    raise TokenFormatError(f"{source.directory}: no --workdir given and the metadata names "
-                           "no stage-1 workdir")
-  if step is None and stage1_meta.get("workdir") and \
-      os.path.abspath(workdir) == os.path.abspath(stage1_meta["workdir"]):
-    step = stage1_meta.get("step")
-  frozen = checkpointing.load_stage1(workdir, step)
-  if frozen.n_embed != source.codebook_size:
-    raise TokenFormatError(
-        f"{source.directory}: tokens index a codebook of {source.codebook_size} codes, but "
-        f"{workdir} step {frozen.step} has {frozen.n_embed}")
-  if stage1_meta.get("step") is not None and stage1_meta.get("step") != frozen.step:
-    logging.warning("decoding with %s step %d; the tokens were exported with step %s",
-                    workdir, frozen.step, stage1_meta.get("step"))
-  n = len(source) if not limit else min(limit, len(source))
-  tokens = np.stack([source[i]["tokens"] for i in range(n)]) if n else \
-      np.zeros((0, *source.grid_shape), np.int32)
-  images = decode_to_images(tokens, frozen, batch_size)
-  os.makedirs(output, exist_ok=True)
-  paths = []
-  for i in range(n):
-    image = train_utils.to_uint8(images[i])
-    if image.shape[-1] not in (1, 3, 4):  # e.g. a segmentation VQGAN: show the argmax
-      image = _colorize(np.argmax(images[i], axis=-1))
-    paths.append(train_utils.save_png(os.path.join(output, f"{i:06d}.png"), image))
-  return paths
-
-
-def _colorize(labels: np.ndarray) -> np.ndarray:
-  rng = np.random.default_rng(0)
-  palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
-  return palette[np.asarray(labels) % 256]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vqgan_jax.tokens",
-                                   description="Tools for exported stage-1 tokens.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  dec = sub.add_parser("decode", help="decode exported tokens to PNG files")
-  dec.add_argument("--tokens", required=True, help="the exporter's --output folder "
-                   "(or one split folder in it)")
-  dec.add_argument("--split", default=None, help="train or validation (default: the only one)")
-  dec.add_argument("--workdir", default=None,
-                   help="stage-1 workdir (default: the one named in the metadata)")
-  dec.add_argument("--step", type=int, default=None,
-                   help="checkpoint step (default: the exported step, else the latest)")
-  dec.add_argument("--output", required=True, help="folder for <index:06d>.png files")
-  dec.add_argument("--limit", type=int, default=0, help="decode only the first N records")
-  dec.add_argument("--batch_size", type=int, default=16)
-  args = parser.parse_args(argv)
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  from vqgan_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  try:
-    paths = decode_command(args.tokens, args.output, workdir=args.workdir, split=args.split,
-                           step=args.step, limit=args.limit, batch_size=args.batch_size)
-  except (TokenFormatError, checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {len(paths)} PNG files to {args.output}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

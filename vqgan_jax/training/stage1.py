@@ -24,10 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from vqgan_jax import checkpointing, config_lib, data, losses, sharding, train_loop, train_utils
+from vqgan_jax import checkpointing, config_lib, data, handoff, losses
+from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import sharding, visualize
 from vqgan_jax.models import discriminator as discriminator_lib
-from vqgan_jax.models import lpips
-from vqgan_jax.models import vqgan
+from vqgan_jax.models import lpips, vqgan
+from vqgan_jax.training import loop as train_loop
+from vqgan_jax.training import optim
+from vqgan_jax.training import utils as train_utils
 
 
 @flax.struct.dataclass
@@ -48,50 +52,36 @@ class Stage1State:
   trainer: TrainerState
 
 
-def compute_dtype(config) -> jnp.dtype:
-  return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-
-
-def learning_rate(config) -> float:
-  """lr = base_learning_rate x global batch (the reference's scaling) unless given directly."""
-  if config.learning_rate > 0:
-    return float(config.learning_rate)
-  return float(config.base_learning_rate) * config.batch_size
-
-
 class Stage1Setup:
   """Models, optimisers and pure step functions for one config (no devices, no I/O)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    dtype = compute_dtype(config)
+    dtype = config_lib.compute_dtype(config)
     self.model = vqgan.vqmodel_from_config(config.model, dtype)
     self.disc = discriminator_lib.NLayerDiscriminator(
         ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
         norm=config.loss.disc_norm, dtype=dtype)
-    lr = learning_rate(config)
-    self.g_tx = self._optimizer(lr)
-    self.d_tx = self._optimizer(lr)
+    lr = optim.learning_rate(config)
+    self.g_tx = optim.make_adam(config, lr)
+    self.d_tx = optim.make_adam(config, lr)
     self.rng = jax.random.PRNGKey(config.seed)
     # Set by Stage1Runner: with a batch split over several devices, code counts are
     # per-device bincounts added by one psum (sharding.sharded_code_counts).
     self.mesh = None
 
-  def _optimizer(self, lr):
-    tx = optax.adam(lr, b1=self.config.adam_b1, b2=self.config.adam_b2)
-    if self.config.grad_clip_norm > 0:
-      tx = optax.chain(optax.clip_by_global_norm(self.config.grad_clip_norm), tx)
-    return tx
-
   def init_state(self, rng: jax.Array) -> Stage1State:
     size = self.config.model.resolution
     x = jnp.zeros((1, size, size, self.config.model.in_channels), jnp.float32)
     g_key, d_key = jax.random.split(rng)
-    g_params = self.model.init(g_key, x)["params"]
+    g_variables = self.model.init(g_key, x)
+    # g_params is the stored tree: params plus, for vq_ema/simvq, the quantizer's
+    # "vq_stats" collection (vqgan.split_state); the optimiser sees the params only.
+    g_params = vqgan.stored_params(g_variables)
     d_vars = self.disc.init(d_key, x, train=False)
     trainer = TrainerState(
         step=jnp.zeros((), jnp.int32),
-        g_opt_state=self.g_tx.init(g_params),
+        g_opt_state=self.g_tx.init(g_variables["params"]),
         d_params=d_vars["params"],
         d_batch_stats=d_vars.get("batch_stats", {}),
         d_opt_state=self.d_tx.init(d_vars["params"]),
@@ -110,11 +100,23 @@ class Stage1Setup:
 
   def generator_gradients(self, g_params, trainer: TrainerState, x, lpips_params, rng,
                           use_gan: bool):
-    """Gradients of the generator's total loss and its parts (one forward, one backward)."""
+    """Gradients of the generator's total loss and its parts (one forward, one backward).
+
+    `g_params` is the stored tree (vqgan.split_state); the gradients are those of its
+    trainable params only. With a quantizer state (vq_ema, simvq) the forward applies
+    with the "vq_stats" collection mutable and `out["vq_stats"]` is the updated one.
+    """
     cfg = self.config.loss
+    g_params, vq_stats = vqgan.split_state(g_params)
 
     def forward(params):
-      out = self.model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+      if not vq_stats:
+        out = self.model.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+      else:
+        out, updated = self.model.apply({"params": params, vqgan.STATE_KEY: vq_stats}, x,
+                                        train=True, rngs={"dropout": rng},
+                                        mutable=[vqgan.STATE_KEY])
+        out = dict(out, vq_stats=jax.lax.stop_gradient(updated[vqgan.STATE_KEY]))
       return (out["x_rec"], out["features"], out["q_loss"]), out
 
     (x_rec, features, q_loss), model_vjp, out = jax.vjp(forward, g_params, has_aux=True)
@@ -129,6 +131,7 @@ class Stage1Setup:
     nll, nll_vjp, (rec, perceptual) = jax.vjp(nll_fn, x_rec, has_aux=True)
     ct_nll, = nll_vjp(jnp.ones_like(nll))
     metrics = {"rec_loss": rec, "perceptual_loss": perceptual, "nll_loss": nll, "q_loss": q_loss}
+    metrics.update(out.get("q_metrics", {}))  # lfq: commit_loss and the entropies
     ct_x = ct_nll
     total = nll + cfg.codebook_weight * q_loss
     if use_gan:
@@ -174,34 +177,40 @@ class Stage1Setup:
 
     With config.grad_accum_steps = k > 1 the batch runs as k micro-batches: each computes
     its own losses and adaptive weight (as the reference does under gradient
-    accumulation), the discriminator's BatchNorm statistics pass from one to the next,
-    and the averaged gradients make one update of each network.
+    accumulation), the discriminator's BatchNorm statistics and the quantizer's state
+    (vq_ema's EMA codebook) pass from one to the next, and the averaged gradients make
+    one update of each network. The quantizer state is never seen by the optimiser: it
+    takes the value the last micro-batch's forward left (on a skipped non-finite step,
+    the old one).
     """
     trainer = state.trainer
     rng = jax.random.fold_in(self.rng, trainer.step)
     steps = int(self.config.get("grad_accum_steps", 1))
+    params, vq_stats = vqgan.split_state(state.g_params)
 
-    def micro_step(micro_batch, index, d_stats):
+    def micro_step(micro_batch, index, carry):
+      d_stats, vq_stats = carry
       # One micro-batch keeps the step's key; several get keys of their own, drawn from
       # a branch that no other use of the step's key shares.
       key = rng if steps == 1 else jax.random.fold_in(jax.random.fold_in(rng, 7), index)
-      x = model_inputs(micro_batch, self.config)
+      x = handoff.model_inputs(micro_batch, self.config)
       micro_trainer = trainer.replace(d_batch_stats=d_stats)
       g_grads, x_rec, out, metrics = self.generator_gradients(
-          state.g_params, micro_trainer, x, lpips_params, key, use_gan)
+          vqgan.with_state(params, vq_stats), micro_trainer, x, lpips_params, key, use_gan)
+      vq_stats = out.get("vq_stats", vq_stats)
       grads = {"g": g_grads}
       if use_gan:
         grads["d"], d_stats, d_metrics = self.discriminator_gradients(micro_trainer, x, x_rec)
         metrics.update(d_metrics)
       metrics["code_counts"] = sharding.sharded_code_counts(
           out["indices"], self.config.model.n_embed, self.mesh)
-      return grads, metrics, d_stats, out["z_lookup"]
+      return grads, metrics, (d_stats, vq_stats), out["z_lookup"]
 
-    grads, metrics, d_stats, z_lookup = train_utils.accumulate(
-        micro_step, batch, steps, trainer.d_batch_stats)
+    grads, metrics, (d_stats, vq_stats), z_lookup = train_utils.accumulate(
+        micro_step, batch, steps, (trainer.d_batch_stats, vq_stats))
     g_grads = grads["g"]
-    g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, state.g_params)
-    g_params = optax.apply_updates(state.g_params, g_updates)
+    g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, params)
+    g_params = optax.apply_updates(params, g_updates)
     d_params, d_opt_state = trainer.d_params, trainer.d_opt_state
     finite_parts = [optax.global_norm(g_grads)]
     if use_gan:
@@ -217,6 +226,7 @@ class Stage1Setup:
       g_params, usage_ema, restarted = self._restart_dead_codes(
           g_params, usage_ema, z_lookup, jax.random.fold_in(rng, 1))
       metrics["codes_restarted"] = restarted
+    g_params = vqgan.with_state(g_params, vq_stats)
 
     finite = jnp.all(jnp.isfinite(jnp.stack(
         [metrics["total_loss"]] + finite_parts + ([metrics["d_loss"]] if use_gan else []))))
@@ -253,9 +263,9 @@ class Stage1Setup:
 
   def eval_step(self, g_params, batch, lpips_params):
     """Per-example reconstruction metrics (masked sums) and code counts on a val batch."""
-    x = model_inputs(batch, self.config)
+    x = handoff.model_inputs(batch, self.config)
     mask = batch.get("mask", jnp.ones(x.shape[:1], bool)).astype(jnp.float32)
-    out = self.model.apply({"params": g_params}, x, train=False)
+    out = self.model.apply(vqgan.as_variables(g_params), x, train=False)
     x_rec = jnp.clip(out["x_rec"], -1.0, 1.0)
     diff = x - x_rec
     l1 = jnp.mean(jnp.abs(diff), axis=(1, 2, 3))
@@ -272,22 +282,6 @@ class Stage1Setup:
     return sums, counts, x_rec
 
 
-def model_inputs(batch: Dict[str, Any], config) -> jax.Array:
-  """The array a stage-1 model of this config encodes: RGB images, or condition maps.
-
-  With `data.input = "segmentation"` (a conditioning VQGAN, as the paper's S-FLCKR
-  models) the input is the one-hot segmentation map scaled to [-1, 1], with
-  `model.in_channels = model.out_ch = data.photos.num_segments`.
-  """
-  if config.data.input == "image":
-    return batch["image"]
-  if config.data.input == "segmentation":
-    onehot = jax.nn.one_hot(batch["segmentation"], config.model.in_channels, dtype=jnp.float32)
-    return 2.0 * onehot - 1.0
-  raise config_lib.ConfigError(
-      f"config.data.input={config.data.input!r}: must be 'image' or 'segmentation'")
-
-
 def gan_active(config, step: int) -> bool:
   """The GAN terms (generator's and discriminator's) are on from step disc_start."""
   return step >= config.loss.disc_start
@@ -297,22 +291,6 @@ def _lpips_params(config):
   if config.loss.perceptual_weight <= 0:
     return None
   return lpips.load_lpips_params()
-
-
-def place(tree, sharding_, abstract: bool):
-  """Puts a pytree on devices with `sharding_`, or (abstract=True, for ahead-of-time
-  compilation) describes it as ShapeDtypeStructs carrying that sharding."""
-  if abstract:
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
-  return jax.device_put(tree, sharding_)
-
-
-def abstract_lpips_params():
-  """Shapes of the LPIPS network's parameters (no weight file read)."""
-  x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-  return jax.eval_shape(lambda a, b: lpips.LPIPS().init(jax.random.PRNGKey(0), a, b), x, x)[
-      "params"]
 
 
 class Stage1Runner:
@@ -337,7 +315,7 @@ class Stage1Runner:
     replicated = sharding.replicated(self.mesh)
     self.lpips_params = None
     if config.loss.perceptual_weight > 0:
-      self.lpips_params = place(abstract_lpips_params() if abstract else _lpips_params(config),
+      self.lpips_params = sharding.place(lpips.abstract_params() if abstract else _lpips_params(config),
                                 replicated, abstract)
     traced = functools.partial(sharding.under_mesh, mesh=self.mesh)
     self._init = jax.jit(self.setup.init_state, out_shardings=self.state_shardings)
@@ -359,7 +337,7 @@ class Stage1Runner:
   def train_step(self, state, batch, step: int):
     return self.jitted_train[gan_active(self.config, step)](state, batch, self.lpips_params)
 
-  def evaluate(self, g_params, eval_batches, keep_images: int = 8):
+  def evaluate(self, g_params, eval_batches, keep_images: int = 16):
     """Mean val metrics over the given global batches, plus a few reconstructions."""
     totals, counts, shown = None, None, ([], [])
     for batch in eval_batches:
@@ -368,28 +346,17 @@ class Stage1Runner:
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
       counts = batch_counts if counts is None else counts + batch_counts
       if sum(len(a) for a in shown[0]) < keep_images:  # same answer on every process
-        shown[0].append(sharding.host_array(model_inputs(batch, self.config)))
+        shown[0].append(sharding.host_array(handoff.model_inputs(batch, self.config)))
         shown[1].append(sharding.host_array(x_rec))
     if totals is None:
       raise ValueError("the val split is empty: nothing to evaluate")
     n = max(float(totals.pop("count")), 1.0)
     metrics = {f"val_{k}": float(v) / n for k, v in totals.items()}
     counts = np.asarray(jax.device_get(counts))
-    metrics.update(code_statistics(counts, prefix="val_"))
+    metrics.update(metrics_lib.code_statistics(counts, prefix="val_"))
     originals = np.concatenate(shown[0])[:keep_images] if shown[0] else None
     recons = np.concatenate(shown[1])[:keep_images] if shown[1] else None
     return metrics, originals, recons
-
-
-def code_statistics(counts: np.ndarray, prefix: str = "") -> Dict[str, float]:
-  """Codebook usage (% of codes hit) and perplexity of the index distribution."""
-  counts = np.asarray(counts, np.float64)
-  total = counts.sum()
-  probs = counts / max(total, 1.0)
-  nonzero = probs[probs > 0]
-  entropy = float(-(nonzero * np.log(nonzero)).sum())
-  return {f"{prefix}codebook_usage": float(100.0 * np.mean(counts > 0)),
-          f"{prefix}code_perplexity": float(np.exp(entropy))}
 
 
 def _eval_batches(config, mesh, batch_size: int):
@@ -442,8 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         config, mesh, config.eval_batch_size))
     writer.write_scalars(step, metrics)
     if originals is not None and is_main:
-      grid = train_utils.make_grid([originals, np.clip(recons, -1, 1)])
-      train_utils.save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
+      grid = visualize.make_grid([originals, np.clip(recons, -1, 1)],
+                                 row_labels=["original", f"step {step}"])
+      visualize.save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
       writer.write_images(step, {"val_reconstructions": grid[None]})
     return metrics
 
@@ -456,9 +424,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     del step, state
     for m in fetched:
       code_counts[:] += np.asarray(m["code_counts"], np.int64)
-    scalars = code_statistics(code_counts, prefix="train_")
+    scalars = metrics_lib.code_statistics(code_counts, prefix="train_")
     code_counts[:] = 0
-    scalars["learning_rate"] = learning_rate(config)
+    scalars["learning_rate"] = optim.learning_rate(config)
     return scalars
 
   _, last_eval = train_loop.run(

@@ -52,6 +52,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
+from vqgan_jax.data import common
+
 # The photographs scikit-image ships in its package data (all load offline with
 # scikit-image 0.26). Order fixes the class index.
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -739,12 +741,6 @@ def dataset_info(data_config) -> dict:
           "num_train": len(train), "num_val": len(val), "num_skipped": 0}
 
 
-def _derive_seed(*parts) -> int:
-  """A 32-bit seed (grain's range) from any ints, e.g. (seed, purpose, process)."""
-  digest = hashlib.sha256(repr(parts).encode()).digest()
-  return int.from_bytes(digest[:4], "little")
-
-
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   # Batches are formed in the MapDataset, so each worker computes whole batches
   # and the output is the same for any num_workers. A few reader threads and a
@@ -757,16 +753,10 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   return it_ds
 
 
-def _check_process(process_index, process_count):
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got "
-                     f"{process_index}, {process_count}")
-
-
 def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """The dataset behind make_train_iterator (iterating it again restarts it)."""
-  _check_process(process_index, process_count)
+  common.check_process(process_index, process_count)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   records, transform = _train_records_and_transform(data_config)
@@ -775,10 +765,10 @@ def make_train_dataset(data_config, *, batch_size: int, seed: int, process_index
     raise ValueError(f"process {process_index} of {process_count} has no training records "
                      f"({len(records)} in total)")
   # shuffle before repeat: grain reshuffles every epoch with seed + epoch.
-  ds = ds.shuffle(seed=_derive_seed(seed, "shuffle")).repeat()
+  ds = ds.shuffle(seed=common.derive_seed(seed, "shuffle")).repeat()
   # random_map's generator is keyed by (seed, element index), which makes crops
   # resumable; the process index is folded in so hosts do not mirror each other.
-  ds = ds.random_map(transform, seed=_derive_seed(seed, "augment", process_index))
+  ds = ds.random_map(transform, seed=common.derive_seed(seed, "augment", process_index))
   ds = ds.batch(batch_size, drop_remainder=True)
   return _to_iter(ds, int(data_config.num_workers))
 
@@ -823,7 +813,7 @@ def make_eval_iterator(data_config, *, batch_size: int, process_index: int = 0,
   drop_remainder=True, only full batches of real examples are kept (mask all
   True) and the same number on every process.
   """
-  _check_process(process_index, process_count)
+  common.check_process(process_index, process_count)
   records, transform = _eval_records_and_transform(data_config)
   num_batches = _num_eval_batches(len(records), batch_size, process_count, drop_remainder)
   shard = records[process_index::process_count][:num_batches * batch_size]

@@ -1,7 +1,6 @@
-"""Pieces both trainers share: metric accumulation, preemption signals, image grids."""
+"""Pieces both trainers share: metric accumulation, preemption signals, gradient accumulation."""
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -10,6 +9,7 @@ from typing import Dict, List, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class NonFiniteError(FloatingPointError):
@@ -109,7 +109,6 @@ def any_process_requested(flag: bool) -> bool:
   queue: call it on all processes at the same step, and only where the loop waits anyway."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
   return bool(np.any(flags))
 
@@ -169,7 +168,6 @@ class StopSignals:
 
   @staticmethod
   def _reached_sync_point(step: int) -> bool:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.reached_preemption_sync_point(step))
 
   @property
@@ -236,52 +234,6 @@ def accumulate(micro_step, batch, steps: int, carry=None):
   metrics = {k: v if jnp.issubdtype(v.dtype, jnp.integer) else v / steps
              for k, v in metrics.items()}
   return grads, metrics, carry, extra
-
-
-# Colours of segment ids in the condition maps (cycled when there are more segments).
-_PALETTE = np.array([
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
-    [0, 0, 0], [255, 255, 255]], np.float32)
-
-
-def colorize_segments(segmentation: np.ndarray) -> np.ndarray:
-  """Segment ids (B, H, W) -> RGB in [-1, 1] with a fixed palette."""
-  rgb = _PALETTE[np.asarray(segmentation) % len(_PALETTE)]
-  return rgb / 127.5 - 1.0
-
-
-def displayable(images: np.ndarray) -> np.ndarray:
-  """RGB stays; other channel counts (one-hot condition maps) show their argmax in colour."""
-  images = np.asarray(images)
-  if images.shape[-1] in (1, 3):
-    return images
-  return colorize_segments(np.argmax(images, axis=-1))
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(rows: List[np.ndarray], pad: int = 2) -> np.ndarray:
-  """Stacks rows of images (each (N, H, W, C) in [-1,1]) into one uint8 grid image."""
-  rows = [to_uint8(displayable(r)) for r in rows]
-  n = max(r.shape[0] for r in rows)
-  h, w, c = rows[0].shape[1:]
-  grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
-  for i, row in enumerate(rows):
-    for j, image in enumerate(row):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
-      grid[y:y + h, x:x + w] = image
-  return grid
-
-
-def save_png(path: str, image: np.ndarray) -> str:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(image).save(path)
-  return path
 
 
 def format_eta(seconds: Optional[float]) -> str:

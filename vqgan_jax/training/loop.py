@@ -24,14 +24,17 @@ Pending asynchronous checkpoint writes are waited for on every exit path.
 """
 
 import logging
+import os
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
 import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
 
-from vqgan_jax import checkpointing, sharding, train_utils
+from vqgan_jax import checkpointing, sharding
+from vqgan_jax.training import utils as train_utils
 
 Metrics = Dict[str, Any]
 
@@ -73,7 +76,6 @@ def restore_or_start(config, manager, workdir: str, *, make_train_iter: Callable
   make_train_iter(seed) builds this process's training iterator; make_state(model,
   trainer) assembles the state from restored items.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   train_iter = make_train_iter(config.seed)
   start_step = manager.latest_step()
   if start_step is not None:
@@ -95,6 +97,13 @@ def restore_or_start(config, manager, workdir: str, *, make_train_iter: Callable
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0 and is_main:
     writer.write_hparams(flat_config(config))
+    overview = parameter_overview.get_parameter_overview(abstract_model, include_stats=False)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(overview + "\n")
+  logging.info("%s parameters (table: %s)",
+               f"{parameter_overview.count_parameters(abstract_model):,}",
+               os.path.join(workdir, "parameters.txt"))
   return state, start_step, train_iter, writer
 
 
@@ -113,15 +122,27 @@ def run(config, *, workdir: str, manager, writer, state, start_step: int,
   """
   window = train_utils.MetricWindow()
   last_eval: Dict[str, float] = {}
+  logging.info("training %s steps %d -> %d, global batch %d on %d device(s), mesh %s; "
+               "writing to %s", config.get("stage", "model"), start_step,
+               config.num_train_steps, config.batch_size, jax.device_count(),
+               dict(config.mesh) if "mesh" in config else {}, workdir)
   if start_step == 0 and config.num_train_steps > 0:
     last_eval = run_eval(0, state)
   step = start_step
   t0 = time.time()
+  profile = None
+  if config.get("profile_steps", 0) > 0 and jax.process_index() == 0:
+    # A trace of `profile_steps` steps after the first 10 (compilation done), for
+    # TensorBoard's profile tab.
+    profile = periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                       first_profile=start_step + 10, every_secs=None)
   try:
     with train_utils.StopSignals(start_step) as stop_signals:
       while step < config.num_train_steps:
         state, metrics = train_step(state, next(train_iter), step)
         step += 1
+        if profile is not None:
+          profile(step)
         window.add(step, metrics)
         last = step == config.num_train_steps
         if step % config.log_every_steps == 0 or last:
@@ -161,5 +182,9 @@ def run(config, *, workdir: str, manager, writer, state, start_step: int,
   if not last_eval:  # e.g. resumed a finished run: still report where it stands
     last_eval = run_eval(step, state)
   writer.flush()
-  logging.info("Finished at step %d in %.1fs", step, time.time() - t0)
+  logging.info("finished at step %d in %.1fs", step, time.time() - t0)
+  logging.info("final eval: %s", "  ".join(f"{k} {v:.4g}" for k, v in sorted(last_eval.items())
+                                          if isinstance(v, (int, float))))
+  logging.info("checkpoints: %s  images: %s  TensorBoard: tensorboard --logdir %s",
+               checkpointing.checkpoint_dir(workdir), os.path.join(workdir, "images"), workdir)
   return state, last_eval
