@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.restart_dead_codes = False  # vq only: replace codes unused for a while by batch latents
   m.dead_code_decay = 0.99      # EMA decay of per-code usage counts
   m.dead_code_threshold = 0.03  # restart a code when its EMA count per step falls below this
+  m.norm_groups = 32            # GroupNorm groups (reference: 32; with ch=32 that is an
+                                # InstanceNorm, which cannot pass an image's colour on)
   m.remat = False               # recompute each ResnetBlock/AttnBlock in the backward pass
 
   # --- Loss (reference `VQLPIPSWithDiscriminator`) ---

@@ -51,10 +51,14 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
   m = config.model
   _require(m.n_embed >= 1, "model.n_embed", "the codebook needs at least one code", m.n_embed)
   _require(len(m.ch_mult) >= 1, "model.ch_mult", "needs at least one level", m.ch_mult)
-  _require(m.ch >= 32 and m.ch % 32 == 0, "model.ch",
-           "GroupNorm uses 32 groups, so channels must be a positive multiple of 32", m.ch)
-  _require(m.z_channels >= 32 and m.z_channels % 32 == 0, "model.z_channels",
-           "GroupNorm uses 32 groups, so channels must be a positive multiple of 32", m.z_channels)
+  groups = int(m.get("norm_groups", 32))
+  _require(groups >= 1, "model.norm_groups", "must be positive", groups)
+  _require(m.ch >= groups and m.ch % groups == 0, "model.ch",
+           f"GroupNorm uses model.norm_groups={groups} groups, so channels must be a positive "
+           f"multiple of {groups}", m.ch)
+  _require(m.z_channels >= groups and m.z_channels % groups == 0, "model.z_channels",
+           f"GroupNorm uses model.norm_groups={groups} groups, so channels must be a positive "
+           f"multiple of {groups}", m.z_channels)
   _require(m.embed_dim >= 1, "model.embed_dim", "must be positive", m.embed_dim)
   _require(m.codebook_dim >= 0, "model.codebook_dim", "must be 0 (off) or positive", m.codebook_dim)
   validate_quantizer(m)

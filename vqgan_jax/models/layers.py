@@ -80,9 +80,14 @@ class Conv(nn.Module):
     return y
 
 
-def Normalize(name: Optional[str] = None, dtype=jnp.float32) -> nn.GroupNorm:
-  """GroupNorm with the reference's 32 groups and eps 1e-6."""
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+def Normalize(name: Optional[str] = None, dtype=jnp.float32, groups: int = 32) -> nn.GroupNorm:
+  """GroupNorm with eps 1e-6 and the reference's 32 groups (`groups` overrides).
+
+  With as many groups as channels (ch=32 and 32 groups) it is an InstanceNorm: every
+  channel loses its per-image mean and scale, so the decoder's last norm cannot pass
+  an image's overall colour on to conv_out (see model.norm_groups).
+  """
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -94,14 +99,15 @@ class ResnetBlock(nn.Module):
   out_channels: Optional[int] = None
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     in_channels = x.shape[-1]
     out_channels = self.out_channels or in_channels
-    h = swish(Normalize("norm1", self.dtype)(x))
+    h = swish(Normalize("norm1", self.dtype, self.norm_groups)(x))
     h = Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
-    h = swish(Normalize("norm2", self.dtype)(h))
+    h = swish(Normalize("norm2", self.dtype, self.norm_groups)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
     if in_channels != out_channels:
@@ -112,11 +118,12 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention with 1x1-conv projections (scale C^-0.5)."""
   dtype: jnp.dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = Normalize("norm", self.dtype)(x)
+    h = Normalize("norm", self.dtype, self.norm_groups)(x)
     # 1x1 convolutions are dense layers over channels; Dense keeps the reference names.
     q = nn.Dense(c, dtype=self.dtype, name="q")(h).reshape(b, height * width, 1, c)
     k = nn.Dense(c, dtype=self.dtype, name="k")(h).reshape(b, height * width, 1, c)

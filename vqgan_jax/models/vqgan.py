@@ -55,6 +55,7 @@ class Encoder(nn.Module):
   double_z: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -63,18 +64,18 @@ class Encoder(nn.Module):
     curr_res = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * mult, self.dropout, self.dtype,
+        h = ResnetBlock(self.ch * mult, self.dropout, self.dtype, self.norm_groups,
                         name=f"down_{level}_block_{block}")(h, train)
         h = _pin(h)
         if curr_res in self.attn_resolutions:
-          h = _pin(AttnBlock(self.dtype, name=f"down_{level}_attn_{block}")(h))
+          h = _pin(AttnBlock(self.dtype, self.norm_groups, name=f"down_{level}_attn_{block}")(h))
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.dtype, name=f"down_{level}_downsample")(h)
         curr_res //= 2
-    h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_1")(h, train)
-    h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-    h = _pin(ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train))
-    h = swish(Normalize("norm_out", self.dtype)(h))
+    h = ResnetBlock(None, self.dropout, self.dtype, self.norm_groups, name="mid_block_1")(h, train)
+    h = AttnBlock(self.dtype, self.norm_groups, name="mid_attn_1")(h)
+    h = _pin(ResnetBlock(None, self.dropout, self.dtype, self.norm_groups, name="mid_block_2")(h, train))
+    h = swish(Normalize("norm_out", self.dtype, self.norm_groups)(h))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return Conv(out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
 
@@ -91,6 +92,7 @@ class Decoder(nn.Module):
   z_channels: int = 256
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False, return_features: bool = False):
@@ -99,20 +101,20 @@ class Decoder(nn.Module):
     curr_res = self.resolution // 2 ** (num_levels - 1)
     block_in = self.ch * self.ch_mult[-1]
     h = Conv(block_in, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-    h = ResnetBlock(None, self.dropout, self.dtype, name="mid_block_1")(h, train)
-    h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-    h = _pin(ResnetBlock(None, self.dropout, self.dtype, name="mid_block_2")(h, train))
+    h = ResnetBlock(None, self.dropout, self.dtype, self.norm_groups, name="mid_block_1")(h, train)
+    h = AttnBlock(self.dtype, self.norm_groups, name="mid_attn_1")(h)
+    h = _pin(ResnetBlock(None, self.dropout, self.dtype, self.norm_groups, name="mid_block_2")(h, train))
     for level in reversed(range(num_levels)):
       for block in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, self.dtype,
+        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, self.dtype, self.norm_groups,
                         name=f"up_{level}_block_{block}")(h, train)
         h = _pin(h)
         if curr_res in self.attn_resolutions:
-          h = _pin(AttnBlock(self.dtype, name=f"up_{level}_attn_{block}")(h))
+          h = _pin(AttnBlock(self.dtype, self.norm_groups, name=f"up_{level}_attn_{block}")(h))
       if level != 0:
         h = Upsample(self.dtype, name=f"up_{level}_upsample")(h)
         curr_res *= 2
-    features = swish(Normalize("norm_out", self.dtype)(h))
+    features = swish(Normalize("norm_out", self.dtype, self.norm_groups)(h))
     x = Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(features)
     x = x.astype(jnp.float32)
     return (x, features) if return_features else x
@@ -156,12 +158,13 @@ class VQModel(nn.Module):
   lfq_commit_weight: float = 0.25
   lfq_temperature: float = 0.01
   lfq_entropy_group_bits: int = 10
+  norm_groups: int = 32
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), dropout=self.dropout,
                   resolution=self.resolution, z_channels=self.z_channels, dtype=self.dtype,
-                  remat=self.remat)
+                  remat=self.remat, norm_groups=self.norm_groups)
     self.encoder = Encoder(**common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     self.quant_conv = nn.Dense(self.embed_dim, name="quant_conv")
@@ -268,4 +271,5 @@ def vqmodel_from_config(model_config, dtype=jnp.float32) -> VQModel:
       in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels,
       embed_dim=c.embed_dim, n_embed=c.n_embed, beta=c.beta, legacy_beta=c.legacy_beta,
       codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize, dtype=dtype,
-      remat=bool(c.get("remat", False)), **quantizers.quantizer_options(c))
+      remat=bool(c.get("remat", False)), norm_groups=int(c.get("norm_groups", 32)),
+      **quantizers.quantizer_options(c))
