@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   l.disc_ndf = 64
   l.disc_norm = "batch"         # "batch" (reference) | "group" | "none"
   l.adaptive_weight = True      # False: lambda = disc_weight (for ablations)
+  l.disc_on_stale_reconstructions = False  # True: D on the pre-update x_rec (1 forward less)
 
   # --- Data (see vqgan_jax/data.py) ---
   from vqgan_jax import data  # local import keeps config files cheap to read

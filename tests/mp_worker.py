@@ -499,7 +499,8 @@ def run_train(process_id, num_processes, port, workdir, steps, out_path):
   assert os.environ["JAX_COORDINATOR_ADDRESS"] == f"127.0.0.1:{port}"
   assert os.environ["JAX_NUM_PROCESSES"] == str(num_processes)
   assert os.environ["JAX_PROCESS_ID"] == str(process_id)
-  from vqgan_jax.training import stage1 as stage1_trainer, stage2_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.training import stage2 as stage2_trainer  # pylint: disable=g-import-not-at-top
   results = {"distributed_before_training": jax.distributed.is_initialized()}
   t0 = time.time()
   config = stage1_config(batch_size=8)

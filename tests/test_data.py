@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vqgan_jax import data
+from vqgan_jax.data import images
 
 S = 16  # crop size used throughout: small keeps every test fast
 
@@ -66,13 +67,16 @@ def boxes_overlap(a, b):
 def test_default_config_has_all_fields():
   c = data.default_data_config()
   assert {"name", "image_size", "random_flip", "num_workers", "photos", "folder",
-          "tfds"} <= set(c.keys())
+          "seg_folder", "tfds", "label_maps"} <= set(c.keys())
   assert set(c.photos.keys()) == {"photo_short_side", "val_fraction", "num_segments",
                                   "train_examples_per_epoch"}
   assert set(c.folder.keys()) == {"folder_path", "class_from_subfolder", "strict",
                                   "val_fraction"}
   assert set(c.tfds.keys()) == {"tfds_name", "tfds_data_dir", "train_split", "val_split",
-                                "image_key", "label_key"}
+                                "image_key", "label_key", "mask_key"}
+  assert set(c.seg_folder.keys()) == {"folder_path", "image_dir", "label_dir", "strict",
+                                      "val_fraction"}
+  assert set(c.label_maps.keys()) == {"num_classes", "ignore_label", "ignore_as"}
   assert c.name == "photos"
 
 
@@ -156,8 +160,8 @@ def test_photos_flip_flips_image_and_segmentation_together():
 def test_photos_segmentation_is_reproducible():
   c = photos_config()
   before = [p.segmentation.copy() for p in data.photo_layout(c)]
-  data._segment_photos.cache_clear()  # pylint: disable=protected-access
-  data._prepare_photos.cache_clear()  # pylint: disable=protected-access
+  images._segment_photos.cache_clear()  # pylint: disable=protected-access
+  images._prepare_photos.cache_clear()  # pylint: disable=protected-access
   after = [p.segmentation for p in data.photo_layout(c)]
   for a, b in zip(before, after):
     np.testing.assert_array_equal(a, b)

@@ -126,7 +126,9 @@ def test_stage1_grad_accumulation_equals_one_big_batch():
         s, b, None, use_gan=False))(state, batch)
     results.append((new_state.g_params, metrics))
   (p1, m1), (p2, m2) = results
-  assert _max_diff(p1, p2) < 1e-6
+  # float32 sums in another order (two half-batch means, then their mean): parameters of
+  # magnitude ~0.3 differ by ~1e-6; a missing 1/accum or a dropped micro-batch is ~1e-2.
+  assert _max_diff(p1, p2) < 5e-6
   assert float(m2["rec_loss"]) == pytest.approx(float(m1["rec_loss"]), rel=1e-5)
   np.testing.assert_array_equal(m1["code_counts"], m2["code_counts"])
   assert int(np.sum(m2["code_counts"])) == 8 * 8 * 8  # every code position of the batch

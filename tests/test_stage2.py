@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 
 from configs import transformer_tiny, vqgan_default
-from vqgan_jax.training import optim
-from vqgan_jax import handoff
-from vqgan_jax import conditioning
-from vqgan_jax import checkpointing, config_lib, sample, sampling, sharding
-from vqgan_jax.training import stage2 as stage2_trainer
-from vqgan_jax.models import transformer, vqgan
+from vqgan_jax import (checkpointing, conditioning, config_lib, handoff, losses, sample, sampling,
+                       sharding, visualize)
 from vqgan_jax.conditioning import VocabLayout
+from vqgan_jax.models import transformer, vqgan
+from vqgan_jax.training import optim
+from vqgan_jax.training import stage2 as stage2_trainer
 
 N_CODES = 32      # tiny stage-1 codebook
 SEG_CODES = 16    # tiny conditioning-VQGAN codebook
@@ -162,13 +161,13 @@ def test_loss_mask_excludes_condition_positions():
   logits = jnp.asarray(rng.normal(size=(2, p + n - 1, vocab)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, vocab, (2, p + n - 1)), jnp.int32)
   mask2 = jnp.broadcast_to(jnp.asarray(mask), targets.shape)
-  loss, count = stage2_trainer.sequence_loss(logits, targets, mask2)
+  loss, count = losses.token_cross_entropy(logits, targets, mask2)
   assert float(count) == 2 * n
   changed = logits.at[:, :p - 1].set(100.0 * rng.normal(size=(2, p - 1, vocab)))
-  assert float(stage2_trainer.sequence_loss(changed, targets, mask2)[0]) == pytest.approx(
+  assert float(losses.token_cross_entropy(changed, targets, mask2)[0]) == pytest.approx(
       float(loss), abs=1e-6)
   changed = logits.at[:, p - 1].add(5.0 * rng.normal(size=(2, vocab)))
-  assert float(stage2_trainer.sequence_loss(changed, targets, mask2)[0]) != pytest.approx(
+  assert float(losses.token_cross_entropy(changed, targets, mask2)[0]) != pytest.approx(
       float(loss), abs=1e-4)
 
 
@@ -394,7 +393,7 @@ def test_sampling_rejects_bad_class_label_before_sampling(class_run, tmp_path, m
   def fail(*args, **kwargs):
     raise AssertionError("sampling started")
   monkeypatch.setattr(sampling, "sample", fail)
-  monkeypatch.setattr(stage2_trainer, "load_stage2", fail)
+  monkeypatch.setattr(handoff, "load_stage2", fail)
   workdir = class_run[0]
   with pytest.raises(ValueError, match="class label 7 is out of range.*7 classes"):
     sample.run_sampling(workdir, str(tmp_path), classes=[0, 7])
@@ -421,10 +420,16 @@ def test_sample_cli_writes_pngs(class_run, tmp_path, capsys):
   names = sorted(os.listdir(out))
   assert names == ["class_0000_astronaut.png", "class_0003_rocket.png", "sliding_window.png"]
   assert str(out / "sliding_window.png") in capsys.readouterr().out
+  # Cells are upscaled to at least MIN_CELL_PIXELS; a caption line sits above each row.
+  pad, caption = visualize.PAD, visualize.LABEL_HEIGHT + 2
+  cell = 16 * visualize.upscale_factor(16)                   # 16px samples
   with Image.open(out / "class_0000_astronaut.png") as im:
-    assert im.size == (2 + 2 * (16 + 2), 2 + 16 + 2)       # two 16px samples in one row
+    assert im.size == (pad + 2 * (cell + pad), caption + pad + cell + pad)  # two in one row
+  cell = 32 * visualize.upscale_factor(32)                   # 16x16 tokens x f=2: 32px
   with Image.open(out / "sliding_window.png") as im:
-    assert im.size == (2 + 2 * (32 + 2), 2 + 32 + 2)       # 16x16 tokens x f=2: 32px, 2 classes
+    width, height = im.size
+    assert height == caption + pad + cell + pad              # one row (2 classes), captioned
+    assert width >= pad + 2 * (cell + pad)
 
 
 # ----- training from exported tokens (config.tokens_dir) -------------------------------------

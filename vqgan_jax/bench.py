@@ -1,6 +1,7 @@
 r"""Benchmarks: step times, throughput, analytic FLOPs and MFU, printed as ONE JSON line.
 
-  python -m vqgan_jax.bench --task stage1_step --config configs/vqgan_demo.py [--gan] [--steps 10]
+  python -m vqgan_jax.bench --task stage1_step --config configs/vqgan_demo.py [--gan] [--steps 10] \
+      [--[no]disc_on_stale_reconstructions] [--compare_disc_orders]
   python -m vqgan_jax.bench --task stage2_step [--config configs/transformer_default.py] \
       [--vocab_size 1024 --block_size 256 --n_layer 8 --n_head 8 --n_embd 512 --batch_size 8]
   python -m vqgan_jax.bench --task sample   [GPT flags as stage2_step]
@@ -23,6 +24,9 @@ stage1_step / stage2_step add:
   compile_s (lower + compile), steps, warmup, step_s_median / step_s_min / step_s_max,
   examples_per_s, tokens_per_s (stage 2), flops_per_step (vqgan_jax.flops, analytic),
   achieved_flops_per_s = flops_per_step / step_s_median, mfu = achieved / peak.
+stage1_step --gan adds disc_on_stale_reconstructions (the order timed); with
+  --compare_disc_orders also `disc_orders`: {"updated": ..., "stale": ...} (median, min,
+  max of step seconds, the two steps alternating) and "updated_over_stale".
 sample adds `kv_vs_naive`, `per_token`, `long_sampling`, `batch_scaling`, `sliding_window`
 and `train_steps` sections,
 conv adds `shapes`; attention adds `kernels` (forward and gradient seconds of one layer's
@@ -37,6 +41,7 @@ stops; the first `warmup` executions are dropped. Train steps donate their state
 """
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -79,6 +84,12 @@ flags.DEFINE_integer("steps", 10, "Timed executions (after warm-up); data: timed
 flags.DEFINE_integer("warmup", 2, "Untimed executions after compilation; data: untimed "
                      "batches (the first one includes starting the pipeline).")
 flags.DEFINE_bool("gan", False, "stage1_step: include the GAN terms and discriminator update.")
+flags.DEFINE_bool("disc_on_stale_reconstructions", None, "stage1_step --gan: train the "
+                  "discriminator on the pre-update reconstruction (True) or on the updated "
+                  "generator's (False, the reference's order); unset: the config's "
+                  "loss.disc_on_stale_reconstructions.")
+flags.DEFINE_bool("compare_disc_orders", False, "stage1_step --gan: time both discriminator "
+                  "orders in this run, alternating step by step (`disc_orders` in the JSON).")
 # GPT without a config (the reference configuration (b) is the default).
 flags.DEFINE_integer("vocab_size", 1024, "GPT vocabulary.")
 flags.DEFINE_integer("block_size", 256, "GPT context; stage2_step trains on this many tokens.")
@@ -235,21 +246,17 @@ def compile_timed(jitted, *args, **kwargs):
 # ------------------------------------------------------------------------------ stage 1
 
 
-def bench_stage1(config) -> Dict[str, Any]:
-  if config is None:
-    raise app.UsageError("--task stage1_step needs --config (e.g. configs/vqgan_demo.py)")
+def _with_disc_order(config, stale: bool):
+  """A copy of a stage-1 config with loss.disc_on_stale_reconstructions = stale."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.loss.disc_on_stale_reconstructions = bool(stale)
+  return config
+
+
+def _stage1_step(config, state, batch, lpips_params):
+  """(call that runs one step on the state it holds and blocks, compile seconds)."""
   setup = stage1_trainer.Stage1Setup(config)
-  lpips_params = None
-  if config.loss.perceptual_weight > 0:
-    lpips_params = lpips.load_lpips_params()
-  state = jax.jit(setup.init_state)(setup.rng)
-  b, size, m = config.batch_size, config.data.image_size, config.model
-  key = jax.random.PRNGKey(1)
-  if config.data.input == "segmentation":
-    batch = {"segmentation": jax.random.randint(key, (b, size, size), 0, m.in_channels)}
-  else:
-    batch = {"image": jax.random.uniform(key, (b, size, size, m.in_channels), jnp.float32,
-                                         -1.0, 1.0)}
   step = jax.jit(functools.partial(setup.train_step, use_gan=FLAGS.gan), donate_argnums=0)
   compiled, compile_s = compile_timed(step, state, batch, lpips_params)
   holder = {"state": state}
@@ -258,16 +265,60 @@ def bench_stage1(config) -> Dict[str, Any]:
     holder["state"], metrics = compiled(holder["state"], batch, lpips_params)
     jax.block_until_ready((holder["state"], metrics))
 
-  times = time_calls(run, FLAGS.steps, FLAGS.warmup)
+  return run, compile_s
+
+
+def bench_stage1(config) -> Dict[str, Any]:
+  if config is None:
+    raise app.UsageError("--task stage1_step needs --config (e.g. configs/vqgan_demo.py)")
+  stale = FLAGS.disc_on_stale_reconstructions
+  if stale is None:
+    stale = bool(config.loss.get("disc_on_stale_reconstructions", False))
+  config = _with_disc_order(config, stale)
+  setup = stage1_trainer.Stage1Setup(config)
+  lpips_params = None
+  if config.loss.perceptual_weight > 0:
+    lpips_params = lpips.load_lpips_params()
+  init = jax.jit(setup.init_state)
+  b, size, m = config.batch_size, config.data.image_size, config.model
+  key = jax.random.PRNGKey(1)
+  if config.data.input == "segmentation":
+    batch = {"segmentation": jax.random.randint(key, (b, size, size), 0, m.in_channels)}
+  else:
+    batch = {"image": jax.random.uniform(key, (b, size, size, m.in_channels), jnp.float32,
+                                         -1.0, 1.0)}
+  run, compile_s = _stage1_step(config, init(setup.rng), batch, lpips_params)
+  orders = {}
+  if FLAGS.gan and FLAGS.compare_disc_orders:
+    other, _ = _stage1_step(_with_disc_order(config, not stale), init(setup.rng), batch,
+                            lpips_params)
+    calls = {"stale": run, "updated": other} if stale else {"updated": run, "stale": other}
+    for call in calls.values():
+      time_calls(call, 0, FLAGS.warmup)
+    orders = _alternating(calls, FLAGS.steps)
+    times = orders["stale" if stale else "updated"]
+  else:
+    times = time_calls(run, FLAGS.steps, FLAGS.warmup)
   result = {"compile_s": compile_s, **summary(times), "warmup": FLAGS.warmup,
             "batch_size": b, "image_size": size, "gan": FLAGS.gan,
             "perceptual": config.loss.perceptual_weight > 0,
             "compute_dtype": config.compute_dtype}
+  if FLAGS.gan:
+    result["disc_on_stale_reconstructions"] = stale
+  if orders:
+    result["disc_orders"] = {name: summary(t) for name, t in orders.items()}
+    result["disc_orders"]["updated_over_stale"] = (
+        statistics.median(orders["updated"]) / statistics.median(orders["stale"]))
   result["examples_per_s"] = b / result["step_s_median"]
+  model_kwargs = flops_lib._model_kwargs(m)  # pylint: disable=protected-access
   parts = flops_lib.stage1_train_step_breakdown(
-      b, size, flops_lib._model_kwargs(m),  # pylint: disable=protected-access
-      perceptual=config.loss.perceptual_weight > 0, use_gan=FLAGS.gan,
+      b, size, model_kwargs, perceptual=config.loss.perceptual_weight > 0, use_gan=FLAGS.gan,
       disc_ndf=config.loss.disc_ndf, disc_layers=config.loss.disc_num_layers)
+  if FLAGS.gan and not stale:
+    # The reference order's second, gradient-free generator forward (the discriminator's
+    # input); vqgan_jax.flops counts the stale order's step.
+    parts["generator_forward_for_discriminator"] = sum(
+        flops_lib.vqgan_forward_breakdown(b, size, **model_kwargs).values())
   result["flops_breakdown"] = parts
   return result, sum(parts.values())
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from configs import transformer_default, vqgan_default
-from vqgan_jax import sharding
+from vqgan_jax import data, sharding
 from vqgan_jax.models import quantizer as quantizers
 
 
@@ -79,7 +79,25 @@ def validate_vqgan_config(config: ml_collections.ConfigDict) -> None:
            "must be 'hinge' or 'vanilla'", config.loss.disc_loss)
   _require(config.loss.disc_norm in ("batch", "group", "none"), "loss.disc_norm",
            "must be 'batch', 'group' or 'none'", config.loss.disc_norm)
+  validate_data(config)
+  if config.data.input == "segmentation":
+    channels = data.segment_classes(config.data)
+    source = ("data.photos.num_segments" if config.data.name == "photos" else
+              "data.label_maps (num_classes, plus 1 for an 'extra' ignore class)")
+    for key in ("in_channels", "out_ch"):
+      _require(m[key] == channels, f"model.{key}",
+               f"a VQGAN of segmentation maps takes one one-hot channel per id: {source} "
+               f"gives {channels}; set model.in_channels = model.out_ch = {channels}",
+               m[key])
   validate_common(config)
+
+
+def validate_data(config: ml_collections.ConfigDict) -> None:
+  """The data keys (data.check_data_config), as a ConfigError naming the key."""
+  try:
+    data.check_data_config(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_quantizer(m: ml_collections.ConfigDict) -> None:
@@ -176,9 +194,10 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
     _require(bool(c.cond_stage_workdir), "cond.cond_stage_workdir",
              "spatial conditioning needs the workdir of a conditioning VQGAN",
              c.cond_stage_workdir)
-    _require(config.data.name == "photos" or bool(config.tokens_dir), "data.name",
-             "spatial conditioning needs segmentation maps, which only the 'photos' source "
-             "provides", config.data.name)
+    _require(data.has_segmentation(config.data) or bool(config.tokens_dir), "data.name",
+             "spatial conditioning needs segmentation maps: use 'photos', 'seg_folder' "
+             "(image / label-map pairs) or 'tfds' with data.tfds.mask_key",
+             config.data.name)
   if c.kind == "coord":
     _require(config.crop_tokens > 0, "crop_tokens",
              "coordinate conditioning conditions on the crop origin, so it needs crop_tokens > 0",
@@ -190,6 +209,8 @@ def validate_transformer_config(config: ml_collections.ConfigDict) -> None:
   _require(config.warmup_steps >= 0, "warmup_steps", "must be >= 0", config.warmup_steps)
   _require(config.unigram_batches >= 0, "unigram_batches", "must be >= 0",
            config.unigram_batches)
+  if not config.tokens_dir:
+    validate_data(config)
   s = config.sampling
   _require(s.temperature >= 0.0, "sampling.temperature", "must be >= 0 (0 = greedy)",
            s.temperature)

@@ -20,18 +20,18 @@ Every key must be used and every Flax parameter filled with the right shape;
 otherwise the conversion fails listing the offending keys.
 """
 
-import argparse
 import functools
 import hashlib
 import os
 import re
-import sys
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
+from absl import flags
 from flax import traverse_util
 
+from vqgan_jax import cli
 from vqgan_jax.models.inception import InceptionV3, param_shapes
 
 PathLike = Union[str, os.PathLike]
@@ -262,31 +262,40 @@ def _check_hub_hash(path: str) -> None:
   if not digest.startswith(prefix):
     raise ValueError(f"{path}: SHA-256 {digest} does not start with {prefix} from the "
                      "file name; the download is corrupt or not the expected file "
-                     "(pass --no-check-hash to skip)")
+                     "(pass --nocheck_hash to skip)")
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      description="Convert pytorch-fid's Inception weights (.pth) to a Flax .npz.")
-  parser.add_argument("--input", required=True,
-                      help="pt_inception-2015-12-05-6726825d.pth from pytorch-fid")
-  parser.add_argument("--output", required=True, help="output .npz")
-  parser.add_argument("--no-check-hash", action="store_true",
-                      help="skip checking the SHA-256 prefix in the input file name")
-  args = parser.parse_args(argv)
-  if not args.no_check_hash:
-    _check_hub_hash(args.input)
-  state_dict = read_torch_state_dict(args.input)
+def convert_file(input_path: str, output_path: str, check_hash: bool = True) -> str:
+  """Converts one pytorch-fid .pth to an .npz; returns a one-line summary."""
+  if not os.path.isfile(input_path):
+    raise FileNotFoundError(f"--input {input_path}: no such file")
+  if check_hash:
+    _check_hub_hash(input_path)
+  state_dict = read_torch_state_dict(input_path)
   try:
     flat = convert_state_dict(state_dict)
   except ValueError as e:
-    raise ValueError(f"{args.input}: {e}") from e
-  save_params_npz(flat, args.output)
+    raise ValueError(f"{input_path}: {e}") from e
+  save_params_npz(flat, output_path)
   n = sum(v.size for v in flat.values())
-  print(f"wrote {args.output}: {len(flat)} arrays, {n:,} parameters, "
-        f"sha256 {file_sha256(args.output)}")
-  return 0
+  return (f"wrote {output_path}: {len(flat)} arrays, {n:,} parameters, "
+          f"sha256 {file_sha256(output_path)}")
+
+
+def _define_flags():
+  flags.DEFINE_string("input", None, "pt_inception-2015-12-05-6726825d.pth from pytorch-fid.")
+  flags.DEFINE_string("output", None, "Output .npz.")
+  flags.DEFINE_bool("check_hash", True,
+                    "Check the SHA-256 prefix in the input file name (--nocheck_hash skips).")
+
+
+def main(argv):
+  cli.no_positional_args(argv)
+  cli.require_flags("input", "output")
+  f = flags.FLAGS
+  print(convert_file(f.input, f.output, check_hash=f.check_hash))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  cli.run(main)

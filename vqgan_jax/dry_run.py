@@ -46,7 +46,8 @@ from absl import flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from vqgan_jax import checkpointing, cli, config_lib, flops, handoff, sharding, tpu_compile
+from vqgan_jax import (checkpointing, cli, config_lib, data, flops, handoff, sharding,
+                       tpu_compile)
 from vqgan_jax.models import lpips, vqgan
 from vqgan_jax.training import optim
 from vqgan_jax.training import stage1 as stage1_trainer
@@ -319,13 +320,19 @@ def compile_stage1(config, mesh, chip, steps, hlo_dir=None,
   return reports
 
 
+def cond_channels(config) -> int:
+  """One-hot channels of the conditioning VQGAN a spatial config implies (its maps' ids;
+  the photos' num_segments for a config whose data carries no maps, e.g. tokens_dir)."""
+  return data.segment_classes(config.data) or int(config.data.photos.num_segments)
+
+
 def _stage2_compiled(config, mesh, steps, stage1_config=None):
   """{step: (compiled executable, analytic model FLOPs)} and the runner, for stage 2."""
   size = int(config.data.image_size)
   first = _frozen_stage(stage1_config, config.first_stage.n_embed, size)
   cond = None
   if config.cond.kind == "spatial":
-    cond = _frozen_stage(None, config.cond.n_embed, size, config.data.photos.num_segments)
+    cond = _frozen_stage(None, config.cond.n_embed, size, cond_channels(config))
   runner = stage2_trainer.Stage2Runner(config, first, cond, mesh,
                                        handoff.resolve_num_classes(config),
                                        abstract=True)

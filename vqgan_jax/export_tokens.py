@@ -76,13 +76,17 @@ class _SplitReader:
 
   @property
   def has_segmentation(self) -> bool:
-    return self.data_config.name == "photos"
+    return data.has_segmentation(self.data_config)
 
   def _photos(self):
     return data.photo_layout(self.data_config)
 
   def _folder_entries(self):
     scan = data.scan_folder(self.data_config.folder)
+    return scan.train if self.split == "train" else scan.val
+
+  def _seg_pairs(self):
+    scan = data.scan_seg_folder(self.data_config.seg_folder, data.label_spec(self.data_config))
     return scan.train if self.split == "train" else scan.val
 
   def _tfds(self):
@@ -96,9 +100,11 @@ class _SplitReader:
       return [len(self._base_photo_windows(p)) for p in self._photos()]
     if name == "folder":
       return [1] * len(self._folder_entries())
+    if name == "seg_folder":
+      return [1] * len(self._seg_pairs())
     if name == "tfds":
       return [1] * len(self._tfds())
-    raise ExportError(f"data.name={name!r}: must be photos, folder or tfds")
+    raise ExportError(f"data.name={name!r}: must be one of {data.SOURCE_NAMES}")
 
   def _base_photo_windows(self, photo):
     if self.split == "validation":
@@ -113,17 +119,27 @@ class _SplitReader:
       region = photo.val_box if self.split == "validation" else photo.train_box
       windows = [(y, x) for y, x, _, _ in self._base_photo_windows(photo)]
       return photo.image, photo.segmentation, source_index, region, windows
+    seg = None
     if name == "folder":
       path, label = self._folder_entries()[source_index]
       image = data.resize_short_side(data.decode_image(path, size), size)
+    elif name == "seg_folder":
+      image_path, label_path = self._seg_pairs()[source_index]
+      image, seg = data.load_seg_pair(image_path, label_path,
+                                      data.label_spec(self.data_config), size)
+      label = 0
     else:
       tc = self.data_config.tfds
       example = self._tfds()[source_index]
-      image = data.resize_short_side(data.to_rgb_uint8(example[tc.image_key]), size)
+      mask_key = str(tc.get("mask_key", ""))
+      image, seg = data.tfds_pair(
+          example, tc.image_key, mask_key,
+          data.label_spec(self.data_config) if mask_key else None, size,
+          f"tfds {tc.tfds_name} {self.split} example {source_index}")
       label = data.tfds_label(example, tc.label_key)
     h, w = image.shape[:2]
     center = data.center_window(h, w, size)
-    return image, None, label, (0, 0, h, w), [center]
+    return image, seg, label, (0, 0, h, w), [center]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +299,8 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
                         f"{_input_kind(cond.config)!r} inputs, not of segmentation maps")
     if not reader.has_segmentation:
       raise ExportError(f"--cond_workdir needs segmentation maps, but data.name="
-                        f"{config.data.name!r} has none (only 'photos' does)")
+                        f"{config.data.name!r} has none ('photos', 'seg_folder' and 'tfds' with "
+                        "data.tfds.mask_key have them)")
 
   info = data.dataset_info(config.data)
   items = export_items(reader.num_base_windows(), num_crops, flip_copies)

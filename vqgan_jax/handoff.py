@@ -37,7 +37,7 @@ def model_inputs(batch: Dict[str, Any], config) -> jax.Array:
 
   With `data.input = "segmentation"` (a conditioning VQGAN, as the paper's S-FLCKR
   models) the input is the one-hot segmentation map scaled to [-1, 1], with
-  `model.in_channels = model.out_ch = data.photos.num_segments`.
+  `model.in_channels = model.out_ch = data.segment_classes(config.data)`.
   """
   if config.data.input == "image":
     return batch["image"]
@@ -151,12 +151,14 @@ def load_frozen_stages(config, mesh=None, first_step: Optional[int] = None,
           f"the conditioning VQGAN in {c.cond_stage_workdir} was trained on "
           f"data.input={cond.config.data.input!r}; spatial conditioning needs "
           "one trained with data.input='segmentation'")
-    segments = int(config.data.photos.num_segments)
-    if cond.config.model.in_channels != segments:
+    segments = data.segment_classes(config.data)
+    if segments and cond.config.model.in_channels != segments:
+      source = ("config.data.photos.num_segments" if config.data.name == "photos" else
+                "config.data.label_maps")
       raise config_lib.ConfigError(
           f"the conditioning VQGAN in {c.cond_stage_workdir} takes "
-          f"{cond.config.model.in_channels} segment channels but config.data.photos."
-          f"num_segments={segments}")
+          f"{cond.config.model.in_channels} segment channels but {source} gives "
+          f"{segments} ids; use the label_maps the VQGAN was trained with")
     cond_grid = token_grid(config, cond, "conditioning VQGAN")
     if cond_grid != token_grid(config, first):
       raise config_lib.ConfigError(

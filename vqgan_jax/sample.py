@@ -19,8 +19,8 @@ What is written, by the checkpoint's conditioning kind:
                                      window per side, sampled with the sliding attention
                                      window (taming's sampler; guidance is not applied):
                                      class: the first requested classes; spatial: a larger
-                                     condition region from the photos (see
-                                     `spatial_regions`); coord: each window conditioned on
+                                     condition region of the val split (see
+                                     `data.condition_regions`); coord: each window conditioned on
                                      its own origin.
 The paths written are printed.
 
@@ -244,30 +244,6 @@ def colorize(segmentation: np.ndarray) -> np.ndarray:
   return visualize.colorize_segments(segmentation)
 
 
-def spatial_regions(data_config, size: int, count: int):
-  """(segmentation (K, size, size), image (K, size, size, 3) in [-1, 1]) of larger regions
-  for sliding-window samples: one per photo, a size x size square centred on the photo's
-  val region and, where that region is smaller, extended into the rest of the photo (the
-  bundled photos' val strips are narrower than a sliding-window canvas)."""
-  photos = data.photo_layout(data_config)
-  segs, images = [], []
-  for photo in photos:
-    h, w = photo.image.shape[:2]
-    if min(h, w) < size:
-      continue
-    by, bx, bh, bw = photo.val_box
-    y = int(np.clip(by + (bh - size) // 2, 0, h - size))
-    x = int(np.clip(bx + (bw - size) // 2, 0, w - size))
-    segs.append(np.asarray(photo.segmentation[y:y + size, x:x + size], np.int32))
-    images.append(photo.image[y:y + size, x:x + size].astype(np.float32) / 127.5 - 1.0)
-    if len(segs) == count:
-      break
-  if not segs:
-    raise ValueError(f"no photo is at least {size}x{size} pixels (data.photos.photo_short_side="
-                     f"{data_config.photos.photo_short_side}); lower sliding_window_factor")
-  return np.stack(segs), np.stack(images)
-
-
 def _grid_png(path: str, images: np.ndarray, labels: Optional[Sequence[str]] = None) -> str:
   """Writes samples as a near-square, upscaled grid, each captioned (process 0 only)."""
   if labels is None:
@@ -369,7 +345,7 @@ def generate(loaded: handoff.Stage2Model, output_dir: str,
   else:
     spatial = None
     if layout.kind == "spatial":
-      seg, real = spatial_regions(config.data, big[0] * f, count)
+      seg, real = data.condition_regions(config.data, big[0] * f, count)
       spatial = encode_inputs(cond, {"segmentation": seg})
       if spatial.shape[1:] != big:
         raise ValueError(f"the conditioning VQGAN gives a {spatial.shape[1:]} grid for a "

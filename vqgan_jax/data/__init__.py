@@ -6,8 +6,13 @@
 `vqgan_jax.data.tokens`.
 """
 
-from vqgan_jax.data.images import (IMAGE_EXTENSIONS, PHOTO_NAMES, FolderScan,
-                                   Photo, center_window, dataset_info,
+from vqgan_jax.data.images import (IMAGE_EXTENSIONS, PHOTO_NAMES, SOURCE_NAMES,
+                                   FolderScan, LabelSpec, Photo, SegFolderScan,
+                                   center_window, check_data_config,
+                                   condition_regions, dataset_info,
+                                   decode_label_map, has_segmentation,
+                                   label_spec, load_seg_pair, scan_seg_folder,
+                                   segment_classes, tfds_pair,
                                    decode_image, default_data_config,
                                    folder_skipped_files, grid_windows,
                                    make_eval_iterator, make_train_dataset,

@@ -11,6 +11,12 @@ needs the gradients of the reconstruction loss and of the GAN loss at the decode
 last layer, which are weight gradients of a single convolution given the two
 cotangents, so they cost one small convolution each instead of two extra backward
 passes through the whole decoder.
+
+Training order (as the reference's two optimisers in one batch): the generator is
+updated first, then the discriminator trains on a reconstruction of the *updated*
+generator, a second forward pass without gradients. `loss.disc_on_stale_reconstructions`
+trains it on the first pass's (pre-update) reconstruction instead, which saves that
+forward pass (docs/stage1.md#training-order).
 """
 
 import functools
@@ -50,6 +56,43 @@ class TrainerState:
 class Stage1State:
   g_params: Any
   trainer: TrainerState
+
+
+# Path of the VQ codebook in the generator's params (the one row-wise trained table).
+CODEBOOK_PATH = ("quantize", "embedding")
+
+
+def _key_name(entry) -> Any:
+  """The name of one entry of a pytree key path (dict key, attribute, sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def reset_optimizer_rows(opt_state, param_path, shape, rows: jax.Array):
+  """The optimiser state with rows `rows` (bool, (shape[0],)) of one parameter's
+  per-parameter statistics set to zero.
+
+  optax keeps per-parameter statistics (Adam's mu and nu) as trees shaped like the
+  params, nested in the state of a chain (a tuple), of optax.masked (inner_state) or
+  clipping (whose state holds no param trees), so this does not look the leaf up by one
+  fixed structure: it maps over the whole state and zeroes the rows of every leaf whose
+  key path ends with `param_path` and whose shape is `shape`. Other leaves, among them
+  Adam's scalar step count (shared by all parameters, so not reset: a reset row's first
+  update is then (1 - b1) g / sqrt((1 - b2) g^2), about 1.6 x lr at b1 = 0.5,
+  b2 = 0.9, instead of Adam's lr), pass unchanged.
+  """
+  param_path, shape = tuple(param_path), tuple(shape)
+
+  def reset(path, leaf):
+    names = tuple(_key_name(e) for e in path)
+    if names[-len(param_path):] != param_path or getattr(leaf, "shape", None) != shape:
+      return leaf
+    mask = rows.reshape((-1,) + (1,) * (len(shape) - 1))
+    return jnp.where(mask, jnp.zeros_like(leaf), leaf)
+
+  return jax.tree_util.tree_map_with_path(reset, opt_state)
 
 
 class Stage1Setup:
@@ -158,6 +201,17 @@ class Stage1Setup:
     metrics["total_loss"] = total
     return grads, x_rec, out, metrics
 
+  def reconstruct(self, g_params, x, rng):
+    """The generator's reconstruction of x as in a training forward, without gradients.
+
+    For the discriminator step of the reference order (the updated generator's output).
+    train=True as in the generator's pass (dropout with `rng`), but the quantizer state
+    is read, not updated: vq_ema's EMA advances once per step, in the generator pass.
+    """
+    out = self.model.apply(vqgan.as_variables(g_params), x, train=True,
+                           rngs={"dropout": rng})
+    return jax.lax.stop_gradient(out["x_rec"])
+
   def discriminator_gradients(self, trainer: TrainerState, x, x_rec):
     cfg = self.config.loss
 
@@ -175,31 +229,46 @@ class Stage1Setup:
                  use_gan: bool):
     """One update of the generator (and of the discriminator once the GAN is on).
 
+    Order: the generator's gradients (one forward, one backward), its Adam update and,
+    if on, the dead-code restart; then, with the GAN on, the discriminator's gradients
+    on a reconstruction of the generator as it leaves this step (a second, gradient-free
+    forward pass with the new params and quantizer state): the reference's order, where
+    Lightning runs optimizer_idx 0 (generator) and then 1 (discriminator, on a fresh
+    `self(x)`) on the same batch. With loss.disc_on_stale_reconstructions the
+    discriminator trains on the first pass's reconstruction instead, from before the
+    update, which saves the second forward pass. `use_gan` is static (one compiled
+    step per value), so before disc_start neither order costs anything extra.
+
     With config.grad_accum_steps = k > 1 the batch runs as k micro-batches: each computes
     its own losses and adaptive weight (as the reference does under gradient
     accumulation), the discriminator's BatchNorm statistics and the quantizer's state
     (vq_ema's EMA codebook) pass from one to the next, and the averaged gradients make
-    one update of each network. The quantizer state is never seen by the optimiser: it
-    takes the value the last micro-batch's forward left (on a skipped non-finite step,
-    the old one).
+    one update of each network (in the reference order the discriminator's micro-batches
+    are a second pass over the same k micro-batches, after the generator's update). The
+    quantizer state is never seen by the optimiser: it takes the value the last
+    micro-batch's forward left (on a skipped non-finite step, the old one).
     """
     trainer = state.trainer
     rng = jax.random.fold_in(self.rng, trainer.step)
     steps = int(self.config.get("grad_accum_steps", 1))
     params, vq_stats = vqgan.split_state(state.g_params)
+    stale = bool(self.config.loss.get("disc_on_stale_reconstructions", False))
+
+    def micro_key(index):
+      # One micro-batch keeps the step's key; several get keys of their own, drawn from
+      # a branch that no other use of the step's key shares.
+      return rng if steps == 1 else jax.random.fold_in(jax.random.fold_in(rng, 7), index)
 
     def micro_step(micro_batch, index, carry):
       d_stats, vq_stats = carry
-      # One micro-batch keeps the step's key; several get keys of their own, drawn from
-      # a branch that no other use of the step's key shares.
-      key = rng if steps == 1 else jax.random.fold_in(jax.random.fold_in(rng, 7), index)
+      key = micro_key(index)
       x = handoff.model_inputs(micro_batch, self.config)
       micro_trainer = trainer.replace(d_batch_stats=d_stats)
       g_grads, x_rec, out, metrics = self.generator_gradients(
           vqgan.with_state(params, vq_stats), micro_trainer, x, lpips_params, key, use_gan)
       vq_stats = out.get("vq_stats", vq_stats)
       grads = {"g": g_grads}
-      if use_gan:
+      if use_gan and stale:
         grads["d"], d_stats, d_metrics = self.discriminator_gradients(micro_trainer, x, x_rec)
         metrics.update(d_metrics)
       metrics["code_counts"] = sharding.sharded_code_counts(
@@ -211,22 +280,35 @@ class Stage1Setup:
     g_grads = grads["g"]
     g_updates, g_opt_state = self.g_tx.update(g_grads, trainer.g_opt_state, params)
     g_params = optax.apply_updates(params, g_updates)
-    d_params, d_opt_state = trainer.d_params, trainer.d_opt_state
-    finite_parts = [optax.global_norm(g_grads)]
-    if use_gan:
-      d_updates, d_opt_state = self.d_tx.update(grads["d"], trainer.d_opt_state,
-                                                trainer.d_params)
-      d_params = optax.apply_updates(trainer.d_params, d_updates)
-      finite_parts.append(optax.global_norm(grads["d"]))
 
     counts = metrics.pop("code_counts")
     usage_ema = (self.config.model.dead_code_decay * trainer.code_usage_ema
                  + (1.0 - self.config.model.dead_code_decay) * counts.astype(jnp.float32))
     if self.config.model.restart_dead_codes:
-      g_params, usage_ema, restarted = self._restart_dead_codes(
-          g_params, usage_ema, z_lookup, jax.random.fold_in(rng, 1))
+      g_params, g_opt_state, usage_ema, restarted = self._restart_dead_codes(
+          g_params, g_opt_state, usage_ema, z_lookup, jax.random.fold_in(rng, 1))
       metrics["codes_restarted"] = restarted
     g_params = vqgan.with_state(g_params, vq_stats)
+
+    d_params, d_opt_state = trainer.d_params, trainer.d_opt_state
+    finite_parts = [optax.global_norm(g_grads)]
+    if use_gan:
+      if not stale:
+        def disc_micro_step(micro_batch, index, d_stats):
+          x = handoff.model_inputs(micro_batch, self.config)
+          # Its own dropout key (fold_in(key, 2): no other use of the step's keys).
+          x_rec = self.reconstruct(g_params, x, jax.random.fold_in(micro_key(index), 2))
+          d_grads, d_stats, d_metrics = self.discriminator_gradients(
+              trainer.replace(d_batch_stats=d_stats), x, x_rec)
+          return d_grads, d_metrics, d_stats, ()
+
+        grads["d"], d_metrics, d_stats, _ = train_utils.accumulate(
+            disc_micro_step, batch, steps, d_stats)
+        metrics.update(d_metrics)
+      d_updates, d_opt_state = self.d_tx.update(grads["d"], trainer.d_opt_state,
+                                                trainer.d_params)
+      d_params = optax.apply_updates(trainer.d_params, d_updates)
+      finite_parts.append(optax.global_norm(grads["d"]))
 
     finite = jnp.all(jnp.isfinite(jnp.stack(
         [metrics["total_loss"]] + finite_parts + ([metrics["d_loss"]] if use_gan else []))))
@@ -245,21 +327,45 @@ class Stage1Setup:
     metrics["code_counts"] = counts
     return new_state, metrics
 
-  def _restart_dead_codes(self, g_params, usage_ema, z_lookup, rng):
-    """Replaces codes whose usage EMA fell below the threshold by random batch latents."""
+  def _restart_dead_codes(self, g_params, g_opt_state, usage_ema, z_lookup, rng):
+    """Replaces codes whose usage EMA fell below the threshold by distinct batch latents.
+
+    Runs after the Adam update. Each dead code gets the latent (in lookup space) of its
+    own batch position: the positions are a random permutation of all the step's latent
+    positions (every micro-batch's), so no two codes restarted together start from the
+    same position, and two restarted codes are equal only if the batch holds equal
+    latents at two positions (say, a flat image region). With fewer latent positions
+    than dead codes, a random subset of as many dead codes as there are positions
+    restarts; the others keep their low usage EMA and restart at a later step.
+
+    A restarted row's Adam moments are reset to zero (`reset_optimizer_rows`): they are
+    the statistics of the gradients of the abandoned code, and kept they would push the
+    new one along the old code's drift for the next ~1 / (1 - b1) steps.
+
+    Returns (params, optimiser state, usage EMA, number of codes restarted).
+    """
     m = self.config.model
-    dead = usage_ema < m.dead_code_threshold
     candidates = z_lookup.reshape(-1, z_lookup.shape[-1]).astype(jnp.float32)
-    picks = jax.random.randint(rng, (m.n_embed,), 0, candidates.shape[0])
+    n = candidates.shape[0]
+    code_key, latent_key = jax.random.split(rng)
+    dead = usage_ema < m.dead_code_threshold
+    # Rank of each dead code in a random order of the codes: dead codes 0, 1, 2, ... in
+    # that order take permuted positions 0, 1, 2, ...; ranks >= n wait.
+    order = jax.random.permutation(code_key, m.n_embed)
+    rank = jnp.zeros((m.n_embed,), jnp.int32).at[order].set(
+        jnp.cumsum(dead[order].astype(jnp.int32)) - 1)
+    restart = dead & (rank < n)
+    positions = jax.random.permutation(latent_key, n)[jnp.clip(rank, 0, n - 1)]
     codebook = g_params["quantize"]["embedding"]
-    new_codebook = jnp.where(dead[:, None], candidates[picks], codebook)
+    new_codebook = jnp.where(restart[:, None], candidates[positions], codebook)
     # A restarted code gets a fresh usage estimate so it is not restarted again at once.
-    usage_ema = jnp.where(dead, 1.0, usage_ema)
+    usage_ema = jnp.where(restart, 1.0, usage_ema)
     g_params = flax.core.copy(g_params, {}) if isinstance(g_params, flax.core.FrozenDict) else dict(g_params)
     quantize = dict(g_params["quantize"])
-    quantize["embedding"] = new_codebook
+    quantize["embedding"] = new_codebook.astype(codebook.dtype)
     g_params["quantize"] = quantize
-    return g_params, usage_ema, jnp.sum(dead)
+    g_opt_state = reset_optimizer_rows(g_opt_state, CODEBOOK_PATH, codebook.shape, restart)
+    return g_params, g_opt_state, usage_ema, jnp.sum(restart)
 
   def eval_step(self, g_params, batch, lpips_params):
     """Per-example reconstruction metrics (masked sums) and code counts on a val batch."""
