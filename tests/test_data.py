@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vqgan_jax import data
-from vqgan_jax.data import images
+from vqgan_jax.data.photos import prepare_photos, segment_photos
 
 S = 16  # crop size used throughout: small keeps every test fast
 
@@ -160,8 +160,8 @@ def test_photos_flip_flips_image_and_segmentation_together():
 def test_photos_segmentation_is_reproducible():
   c = photos_config()
   before = [p.segmentation.copy() for p in data.photo_layout(c)]
-  images._segment_photos.cache_clear()  # pylint: disable=protected-access
-  images._prepare_photos.cache_clear()  # pylint: disable=protected-access
+  segment_photos.cache_clear()
+  prepare_photos.cache_clear()
   after = [p.segmentation for p in data.photo_layout(c)]
   for a, b in zip(before, after):
     np.testing.assert_array_equal(a, b)

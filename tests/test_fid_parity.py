@@ -20,7 +20,6 @@ The reference interpreter is $VQGAN_TAMING_PYTHON, else .venv-taming/bin/python 
 pytorch-fid in it, the tests skip saying so.
 """
 
-import importlib
 import os
 import subprocess
 
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from vqgan_jax import convert_inception, metrics
+from vqgan_jax.data import to_float
 from vqgan_jax.models import inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,18 +43,6 @@ NUM_IMAGE_SETS = 2
 def _reference_python():
   return os.environ.get("VQGAN_TAMING_PYTHON") or os.path.join(REPO, ".venv-taming", "bin",
                                                                  "python")
-
-
-def _to_float(images):
-  """Our data pipeline's uint8 -> [-1, 1] (vqgan_jax.data, being reorganised)."""
-  for module in ("vqgan_jax.data", "vqgan_jax.data.images"):
-    try:
-      mod = importlib.import_module(module)
-    except ModuleNotFoundError:
-      continue
-    if hasattr(mod, "to_float"):
-      return mod.to_float(images)
-  raise ImportError("to_float is in neither vqgan_jax.data nor vqgan_jax.data.images")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +89,7 @@ def test_versions(ref):
 def test_pool_features_match_pytorch_fid(ref, variables, index):
   """Same uint8 images, each side's whole pipeline (resize to 299 included)."""
   images = ref[f"images_{index}"]
-  x = _to_float(images)
+  x = to_float(images)
   apply = jax.jit(inception.InceptionV3().apply).lower(variables, x).compile(
       compiler_options=FAST_COMPILE)
   ours = np.asarray(apply(variables, x)["pool"])

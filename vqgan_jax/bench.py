@@ -40,6 +40,9 @@ stops; the first `warmup` executions are dropped. Train steps donate their state
 (donate_argnums=0) and reuse one synthetic on-device batch, so data loading is excluded.
 """
 
+# Over 500 lines on purpose: one command whose tasks share the timing, FLOP and JSON
+# plumbing; each task is one banner section.
+
 import contextlib
 import copy
 import functools

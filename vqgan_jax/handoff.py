@@ -12,6 +12,9 @@ is refused unless named with `first_stage_workdir` (`--first_stage_workdir` on e
 command).
 """
 
+# Over 500 lines on purpose: every check between the two stages (codebook, grid, step,
+# fingerprint, token exports) lives here, so that no other module repeats one.
+
 import dataclasses
 import hashlib
 import logging

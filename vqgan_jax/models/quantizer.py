@@ -37,6 +37,9 @@ and in a training forward applies with mutable=["vq_stats"] and keeps the return
 collection (as it does BatchNorm's batch_stats). Checkpoints must save it.
 """
 
+# Over 500 lines on purpose: five quantizers behind one interface, each next to the
+# others so their shared contract (indices, lookup, statistics) is read in one place.
+
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn

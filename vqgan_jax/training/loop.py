@@ -155,8 +155,9 @@ def run(config, *, workdir: str, manager, writer, state, start_step: int,
           scalars["nonfinite_steps"] = float(jax.device_get(state.trainer.nonfinite_steps))
           writer.write_scalars(step, scalars)
           eta = (config.num_train_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+          # Keys absent from a window (the GAN's before disc_start) are left out.
           means = "".join(f"  {k} {np.mean([float(m[k]) for m in fetched]):.4f}"
-                          for k in log_keys)
+                          for k in log_keys if fetched and all(k in m for m in fetched))
           logging.info("step %d/%d%s  %.2f steps/s  ETA %s", step, config.num_train_steps,
                        means, scalars["steps_per_sec"], train_utils.format_eta(eta))
         if step % config.eval_every_steps == 0 or last:

@@ -19,6 +19,9 @@ trains it on the first pass's (pre-update) reconstruction instead, which saves t
 forward pass (docs/stage1.md#training-order).
 """
 
+# Over 500 lines on purpose: the stage-1 step (generator, adaptive weight, discriminator,
+# dead-code restart), its runner and its loop are one trainer, as in flax's examples.
+
 import functools
 import os
 from typing import Any, Dict
@@ -465,7 +468,8 @@ class Stage1Runner:
     return metrics, originals, recons
 
 
-def _eval_batches(config, mesh, batch_size: int):
+def eval_batches(config, mesh, batch_size: int):
+  """Global val batches of `config.data` (at most config.num_eval_batches; 0 = all)."""
   per_process = batch_size // jax.process_count()
   iterator = data.make_eval_iterator(config.data, batch_size=per_process,
                                      process_index=jax.process_index(),
@@ -511,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                train_iter, force=force)
 
   def run_eval(step, state):
-    metrics, originals, recons = runner.evaluate(state.g_params, _eval_batches(
+    metrics, originals, recons = runner.evaluate(state.g_params, eval_batches(
         config, mesh, config.eval_batch_size))
     writer.write_scalars(step, metrics)
     if originals is not None and is_main:
@@ -538,5 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   _, last_eval = train_loop.run(
       config, workdir=workdir, manager=manager, writer=writer, state=state,
       start_step=start_step, train_step=step_fn, train_iter=train_iter, run_eval=run_eval,
-      save_checkpoint=save_checkpoint, window_scalars=window_scalars)
+      save_checkpoint=save_checkpoint, window_scalars=window_scalars,
+      log_keys=("rec_loss",) + (("perceptual_loss",) if config.loss.perceptual_weight > 0
+                                else ()) + ("q_loss", "g_loss", "d_loss"))
   return last_eval
