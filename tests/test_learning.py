@@ -14,10 +14,11 @@ import pytest
 import helpers
 from configs import transformer_tiny, vqgan_tiny
 from vqgan_jax import data, sharding
+from vqgan_jax.data import scenes
 from vqgan_jax.training import stage1 as stage1_trainer
 from vqgan_jax.training import stage2 as stage2_trainer
 
-STEPS, DISC_START = 40, 20
+STEPS, DISC_START = 80, 40
 
 
 def _max_change(a, b):
@@ -34,6 +35,7 @@ def test_stage1_with_lpips_and_gan_learns():
   config.batch_size = 8
   config.eval_batch_size = 16
   config.num_eval_batches = 2
+  config.learning_rate = 2e-3
   runner = stage1_trainer.Stage1Runner(config)
   state = runner.init_state()
 
@@ -68,19 +70,27 @@ def test_stage1_with_lpips_and_gan_learns():
 
 @pytest.mark.slow
 def test_stage2_beats_the_unigram_entropy(tmp_path_factory, tmp_path):
+  """On the synthetic scenes (sky above, water and grass below: tokens a context predicts)
+  a small GPT ends far below the bits per token of the tokens' unigram distribution."""
   stage1_dir = helpers.shared_stage1_workdir(tmp_path_factory)
+  root = scenes.write_scene_folder(str(tmp_path / "scenes"), 40, 24, 32, seed=0)
   c = transformer_tiny.get_config()
   c.first_stage.workdir = stage1_dir
   c.async_checkpointing = False
+  c.cond.kind, c.cond.cfg_dropout = "none", 0.0
+  c.data.name = "seg_folder"
+  c.data.seg_folder.folder_path = root
+  c.data.seg_folder.val_fraction = 0.2
+  c.data.label_maps.num_classes = len(scenes.CLASS_NAMES)
   c.model.n_embd, c.model.n_layer = 64, 2
   c.pkeep = 1.0
-  c.batch_size = 16
-  c.num_train_steps = 150
+  c.batch_size, c.learning_rate = 16, 2e-3
+  c.num_train_steps = 200
   c.log_every_steps = 50
-  c.eval_every_steps = c.checkpoint_every_steps = 150
-  c.num_eval_batches, c.eval_batch_size = 4, 16
+  c.eval_every_steps = c.checkpoint_every_steps = 200
+  c.num_eval_batches, c.eval_batch_size = 0, 8
   c.unigram_batches = 8
   metrics = stage2_trainer.train_and_evaluate(c, str(tmp_path / "gpt"))
   unigram = metrics["unigram_entropy_bits"]
-  assert unigram > 1.5, metrics            # the tokens are varied enough to be a test
+  assert unigram > 3.0, metrics            # the tokens are varied enough to be a test
   assert metrics["val_bits_per_token"] < 0.8 * unigram, metrics
