@@ -1,5 +1,5 @@
-"""Tests for vqgan_jax.eval: stage-1 evaluation end to end on a tiny trained workdir,
-its error paths, and the stage-2 metric plumbing with known inputs.
+"""Tests for vqgan_jax.eval and vqgan_jax.evaluation: stage-1 evaluation end to end on a
+tiny trained workdir, its error paths, and the stage-2 metric plumbing with known inputs.
 
 The Inception network itself is tested in test_inception.py; here the FID path loads a
 random-weights file through the real loader and replaces only the network by a cheap
@@ -21,6 +21,7 @@ import pytest
 import helpers
 from vqgan_jax import checkpointing, data, metrics, visualize
 from vqgan_jax import eval as eval_lib
+from vqgan_jax.evaluation import common as eval_common
 
 K = 32  # codebook size of the tiny config
 
@@ -118,8 +119,8 @@ def test_rfid_with_inception_weights_from_env(workdir, config, inception_npz, mo
     return helpers.mock_feature_fn()
 
   monkeypatch.setenv(eval_lib.INCEPTION_ENV, inception_npz)
-  monkeypatch.setattr(eval_lib, "make_inception_feature_fn", fake_feature_fn)
-  monkeypatch.setattr(eval_lib, "_inception_feature_dim", lambda: 16)
+  monkeypatch.setattr(eval_common, "make_inception_feature_fn", fake_feature_fn)
+  monkeypatch.setattr(eval_common, "inception_feature_dim", lambda: 16)
   results = eval_lib.evaluate_stage1(config, workdir, batch_size=32, use_lpips=False,
                                      output_json=str(tmp_path / "r.json"))
   params = seen["variables"]["params"]
