@@ -232,15 +232,16 @@ def test_eval_batch_size_error_names_setting_and_nearest(pod_mesh, tmp_path):
 
 
 def test_sample_batch_size_error(pod_mesh):
-  from vqgan_jax import sample  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import generation  # pylint: disable=g-import-not-at-top
   metadata = {"vocab": conditioning.VocabLayout.build("none", 32).to_dict()}
-  opts = sample.SamplingOptions(batch_size=7)
+  opts = generation.SamplingOptions(batch_size=7)
   with pytest.raises(ValueError, match=r"^--batch_size=7 does not split .*nearest valid: 8$"):
-    sample.check_options(metadata, opts, pod_mesh)
-  assert sample.check_options(metadata, sample.SamplingOptions(batch_size=12), pod_mesh) == []
+    generation.check_options(metadata, opts, pod_mesh)
+  assert generation.check_options(metadata, generation.SamplingOptions(batch_size=12),
+                                   pod_mesh) == []
   # Fewer samples than a batch: rounded up to the batch shards, not to the batch size.
-  assert sample.sampling_batch(64, 2, pod_mesh) == 4
-  assert sample.sampling_batch(64, 100, pod_mesh) == 64
+  assert generation.sampling_batch(64, 2, pod_mesh) == 4
+  assert generation.sampling_batch(64, 100, pod_mesh) == 64
 
 
 def test_export_batch_size_error(pod_mesh, tmp_path):

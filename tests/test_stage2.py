@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from configs import transformer_tiny, vqgan_default
-from vqgan_jax import (checkpointing, conditioning, config_lib, handoff, losses, sample, sampling,
-                       sharding, visualize)
+from vqgan_jax import (checkpointing, conditioning, config_lib, generation, handoff, losses,
+                       sample, sampling, sharding, visualize)
 from vqgan_jax.conditioning import VocabLayout
 from vqgan_jax.models import transformer, vqgan
 from vqgan_jax.training import optim
@@ -230,8 +230,8 @@ def test_coord_sliding_window_equals_plain_sampler_when_grid_is_window():
   params = jax.tree_util.tree_map(
       lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), jnp.float32), shapes)
   key = jax.random.PRNGKey(5)
-  grid = sample.sample_sliding_window_coord(params, gpt, layout, 2, 2, 2, 2, 3, key,
-                                            num_image_codes=12)
+  grid = generation.sample_sliding_window_coord(params, gpt, layout, 2, 2, 2, 2, 3, key,
+                                                num_image_codes=12)
   prefix = conditioning.condition_tokens(layout, 3, origins=(jnp.zeros(3, jnp.int32),) * 2,
                                            spans=(0, 0))
   plain = sampling.sample(params, gpt, prefix, 4, key, num_image_codes=12)
@@ -239,10 +239,10 @@ def test_coord_sliding_window_equals_plain_sampler_when_grid_is_window():
   assert np.all(np.asarray(grid) < 12)
   # On a larger grid the origin (and so the coordinate prefix) moves; the cached loop
   # gives the grid the recomputing one does.
-  cached = sample.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
-                                              num_image_codes=12)
-  recomputed = sample.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
-                                                  num_image_codes=12, use_cache=False)
+  cached = generation.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
+                                                  num_image_codes=12)
+  recomputed = generation.sample_sliding_window_coord(params, gpt, layout, 3, 4, 2, 2, 3, key,
+                                                      num_image_codes=12, use_cache=False)
   np.testing.assert_array_equal(cached, recomputed)
 
 

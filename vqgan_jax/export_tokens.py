@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import time
-import types
 from typing import Any, Dict, Optional
 
 import grain
@@ -193,21 +192,9 @@ def export_items(num_base_windows, num_crops: int, flip_copies: bool):
 # ------------------------------------------------------------------------- helpers
 
 
-def _input_kind(config) -> str:
-  return config.data.get("input", "image") if "data" in config else "image"
-
-
-def _model_inputs_fn(config):
-  """The stage-1 model's input from a batch (handoff.model_inputs semantics)."""
-  shim = types.SimpleNamespace(
-      data=types.SimpleNamespace(input=_input_kind(config)),
-      model=types.SimpleNamespace(in_channels=int(config.model.in_channels)))
-  return lambda batch: handoff.model_inputs(batch, shim)
-
-
 def make_encode_fn(frozen, mesh):
   """jitted (params, batch) -> (B, h, w) int32 indices, batch-sharded over the mesh."""
-  inputs = _model_inputs_fn(frozen.config)
+  inputs = handoff.model_inputs_fn(frozen.config)
   model = frozen.model
 
   def encode(params, batch):
@@ -288,15 +275,15 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
                                    checkpointing.config_to_dict(config)["model"], workdir,
                                    force=bool(config.get("force_resume", False)))
   reader = _SplitReader(config.data, split)
-  if _input_kind(frozen.config) == "segmentation" and not reader.has_segmentation:
+  if handoff.input_kind(frozen.config) == "segmentation" and not reader.has_segmentation:
     raise ExportError(f"{workdir} encodes segmentation maps, but data.name="
                       f"{config.data.name!r} has none")
   cond = None
   if cond_workdir:
     cond = checkpointing.load_stage1(cond_workdir, cond_step, sharding=replicated)
-    if _input_kind(cond.config) != "segmentation":
+    if handoff.input_kind(cond.config) != "segmentation":
       raise ExportError(f"--cond_workdir {cond_workdir} is a VQGAN of "
-                        f"{_input_kind(cond.config)!r} inputs, not of segmentation maps")
+                        f"{handoff.input_kind(cond.config)!r} inputs, not of segmentation maps")
     if not reader.has_segmentation:
       raise ExportError(f"--cond_workdir needs segmentation maps, but data.name="
                         f"{config.data.name!r} has none ('photos', 'seg_folder' and 'tfds' with "
@@ -380,7 +367,7 @@ def export_tokens(config, workdir: str, output: str, *, split: str = "validation
             "step": frozen.step,
             "n_embed": frozen.n_embed,
             "downsample_factor": f,
-            "input": _input_kind(frozen.config),
+            "input": handoff.input_kind(frozen.config),
             "config": frozen.metadata["config"],
         },
         "cond": None if cond is None else {

@@ -35,20 +35,38 @@ from vqgan_jax.models import transformer, vqgan
 VocabLayout = conditioning.VocabLayout
 
 
-def model_inputs(batch: Dict[str, Any], config) -> jax.Array:
-  """The array a stage-1 model of this config encodes: RGB images, or condition maps.
+def input_kind(config) -> str:
+  """What a stage-1 config (a ConfigDict or a checkpoint's config dict) encodes:
+  "image" or "segmentation" ("image" for configs from before the key existed)."""
+  data_config = config.get("data", None) if hasattr(config, "get") else None
+  return data_config.get("input", "image") if data_config is not None else "image"
+
+
+def model_inputs_fn(config):
+  """batch -> the array a stage-1 model of `config` encodes: RGB images, or condition maps.
 
   With `data.input = "segmentation"` (a conditioning VQGAN, as the paper's S-FLCKR
   models) the input is the one-hot segmentation map scaled to [-1, 1], with
-  `model.in_channels = model.out_ch = data.segment_classes(config.data)`.
+  `model.in_channels = model.out_ch = data.segment_classes(config.data)`. Works on
+  checkpoint configs that lack keys added later.
   """
-  if config.data.input == "image":
-    return batch["image"]
-  if config.data.input == "segmentation":
-    onehot = jax.nn.one_hot(batch["segmentation"], config.model.in_channels, dtype=jnp.float32)
+  kind, channels = input_kind(config), int(config.model.in_channels)
+  if kind not in ("image", "segmentation"):
+    raise config_lib.ConfigError(
+        f"config.data.input={kind!r}: must be 'image' or 'segmentation'")
+
+  def inputs(batch):
+    if kind == "image":
+      return batch["image"]
+    onehot = jax.nn.one_hot(batch["segmentation"], channels, dtype=jnp.float32)
     return 2.0 * onehot - 1.0
-  raise config_lib.ConfigError(
-      f"config.data.input={config.data.input!r}: must be 'image' or 'segmentation'")
+
+  return inputs
+
+
+def model_inputs(batch: Dict[str, Any], config) -> jax.Array:
+  """`model_inputs_fn(config)(batch)`."""
+  return model_inputs_fn(config)(batch)
 
 
 # ---------------------------------------------------------------------------------------

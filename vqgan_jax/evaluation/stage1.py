@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqgan_jax import checkpointing, export_tokens, metrics, sharding, visualize
+from vqgan_jax import checkpointing, handoff, metrics, sharding, visualize
 from vqgan_jax.evaluation import common
 from vqgan_jax.models import lpips, vqgan
 
@@ -62,14 +62,10 @@ def _fid(fake: "_Features", real: Optional["_Features"] = None, real_stats=None)
   return metrics.frechet_distance(*fake.stats.stats(), *real.stats.stats())
 
 
-def _input_kind(config_dict: Dict[str, Any]) -> str:
-  return config_dict.get("data", {}).get("input", "image")
-
-
 def make_stage1_eval_step(frozen, *, use_ssim: bool, use_lpips: bool) -> Callable:
   """jitted (params, lpips_params, batch) -> (per-example metrics, indices, x, x_rec)."""
-  inputs = export_tokens._model_inputs_fn(frozen.config)  # pylint: disable=protected-access
-  segmentation = _input_kind(frozen.metadata["config"]) == "segmentation"
+  inputs = handoff.model_inputs_fn(frozen.config)
+  segmentation = handoff.input_kind(frozen.metadata["config"]) == "segmentation"
   model = frozen.model
 
   def step(params, lpips_params, batch):
@@ -119,7 +115,7 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
   what = common.batch_setting(batch_size)
   batch_size = int(batch_size or config.eval_batch_size)
   common.check_batch_size(batch_size, mesh, what)
-  rgb = _input_kind(meta["config"]) == "image"
+  rgb = handoff.input_kind(meta["config"]) == "image"
   size = int(config.data.image_size)
 
   # Everything that can fail on a user-given file, before any work or output.

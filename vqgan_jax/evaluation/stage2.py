@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqgan_jax import conditioning, data, handoff, sample, sharding, visualize
+from vqgan_jax import conditioning, data, generation, handoff, sharding, visualize
 from vqgan_jax.evaluation import common
 
 
@@ -85,7 +85,7 @@ class Stage2Adapter:
   Bits/token use the trainer's own sequence construction (condition prefix, the fixed
   pseudo-random eval crop of `crop_tokens` models, keys as in Stage2Runner.evaluate), so
   the number matches the trainer's val_bits_per_token on the same batches. Samples are
-  drawn with `sample.token_batches` (the checkpoint's `sampling` options: temperature,
+  drawn with `generation.token_batches` (the checkpoint's `sampling` options: temperature,
   top-k/p, guidance) for unconditional and class-conditional models (labels cycled over
   the classes), on every device of the mesh, and decoded there; spatial and coordinate
   conditioning sample from the val split's condition maps and from uniformly drawn crop
@@ -153,9 +153,9 @@ class Stage2Adapter:
         before = len(codes)
         for batch in data.make_eval_iterator(data_config, batch_size=16):
           keep = np.asarray(batch["mask"], bool)
-          grid = sample.encode_inputs(loaded.cond_stage,
-                                      {"segmentation": batch["segmentation"][keep]})
-          codes.append(sample.center_crop_tokens(grid, loaded.window)[0])
+          grid = generation.encode_inputs(loaded.cond_stage,
+                                          {"segmentation": batch["segmentation"][keep]})
+          codes.append(generation.center_crop_tokens(grid, loaded.window)[0])
           if sum(len(c) for c in codes) >= num_samples:
             break
         if len(codes) == before:
@@ -175,13 +175,13 @@ class Stage2Adapter:
     conditioning (see condition_prefix)."""
     loaded = self.loaded
     self._prepare()
-    opts = sample.SamplingOptions.from_config(loaded.config.get("sampling", {}),
-                                              batch_size=batch_size)
+    opts = generation.SamplingOptions.from_config(loaded.config.get("sampling", {}),
+                                                  batch_size=batch_size)
     prefix = self.condition_prefix(num_samples)
-    for tokens, real in sample.token_batches(loaded, prefix, rng, opts, self.mesh,
-                                             params=self._params):
-      images = sample.decode_rows(loaded.first_stage, self._frozen["first"], tokens,
-                                  loaded.window)
+    for tokens, real in generation.token_batches(loaded, prefix, rng, opts, self.mesh,
+                                                 params=self._params):
+      images = generation.decode_rows(loaded.first_stage, self._frozen["first"], tokens,
+                                      loaded.window)
       yield {"image": images, "mask": np.arange(images.shape[0]) < real}
 
 
