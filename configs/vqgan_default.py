@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   l = config.loss = ml_collections.ConfigDict()
   l.pixel_loss = "l1"           # "l1" (reference) | "l2"
   l.perceptual_weight = 1.0     # LPIPS weight; 0 disables LPIPS
+  # Training LPIPS on both images reflect-padded by this many pixels (0 = the reference).
+  # On small crops VGG16's receptive fields mostly see its zero padding (docs/stage1.md).
+  l.perceptual_pad = 0
   l.codebook_weight = 1.0
   l.disc_start = 250001         # step at which the GAN terms switch on
   l.disc_weight = 0.8           # multiplies the adaptive weight lambda

@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from configs import (transformer_demo, transformer_demo_seg,
                      transformer_demo_uncond, vqgan_demo, vqgan_demo_seg)
-from vqgan_jax import cli, sample
+from vqgan_jax import checkpointing, cli, sample
 from vqgan_jax.training import stage1 as stage1_trainer
 from vqgan_jax.training import stage2 as stage2_trainer
 
@@ -30,24 +30,37 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where all demo runs and images go.")
 
 
-def _stage1(name, module, workdir, summary):
-  start = time.time()
-  metrics = stage1_trainer.train_and_evaluate(module.get_config(), os.path.join(workdir, name))
-  summary[name] = dict(metrics, seconds=round(time.time() - start, 1))
+def _previous_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
-def _stage2(name, config, workdir, summary):
+def train_part(name, config, train_fn, workdir, summary, previous):
+  """Trains one part; a part that was already finished keeps its measured seconds."""
+  run_dir = os.path.join(workdir, name)
+  finished = checkpointing.latest_step(run_dir) == config.num_train_steps
   start = time.time()
-  metrics = stage2_trainer.train_and_evaluate(config, os.path.join(workdir, name))
-  summary[name] = dict(metrics, seconds=round(time.time() - start, 1))
+  metrics = train_fn(config, run_dir)
+  seconds = round(time.time() - start, 1)
+  if finished and "seconds" in previous.get(name, {}):
+    seconds = previous[name]["seconds"]
+  summary[name] = dict(metrics, seconds=seconds)
 
 
 def run_demo(workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
+  previous = _previous_summary(workdir)
   summary = {}
   begin = time.time()
-  _stage1("vqgan", vqgan_demo, workdir, summary)
-  _stage1("vqgan_seg", vqgan_demo_seg, workdir, summary)
+  for name, module in (("vqgan", vqgan_demo), ("vqgan_seg", vqgan_demo_seg)):
+    train_part(name, module.get_config(), stage1_trainer.train_and_evaluate, workdir, summary,
+           previous)
   vq_dir, seg_dir = os.path.join(workdir, "vqgan"), os.path.join(workdir, "vqgan_seg")
   for name, module in (("gpt_class", transformer_demo), ("gpt_uncond", transformer_demo_uncond),
                        ("gpt_seg", transformer_demo_seg)):
@@ -55,7 +68,7 @@ def run_demo(workdir: str) -> dict:
     config.first_stage.workdir = vq_dir
     if config.cond.kind == "spatial":
       config.cond.cond_stage_workdir = seg_dir
-    _stage2(name, config, workdir, summary)
+    train_part(name, config, stage2_trainer.train_and_evaluate, workdir, summary, previous)
   start = time.time()
   written = {}
   for name in ("gpt_class", "gpt_uncond", "gpt_seg"):
@@ -63,7 +76,12 @@ def run_demo(workdir: str) -> dict:
     written.update({f"{name}/{k}": v for k, v in
                     sample.run_sampling(os.path.join(workdir, name), out).items()})
   summary["samples"] = {"files": written, "seconds": round(time.time() - start, 1)}
-  summary["total_seconds"] = round(time.time() - begin, 1)
+  # total_seconds: training (as first measured, for parts finished by an earlier run) plus
+  # this run's sampling; this_run_seconds: what this invocation took.
+  summary["total_seconds"] = round(sum(
+      summary[k]["seconds"] for k in ("vqgan", "vqgan_seg", "gpt_class", "gpt_uncond",
+                                      "gpt_seg", "samples")), 1)
+  summary["this_run_seconds"] = round(time.time() - begin, 1)
   path = os.path.join(workdir, "summary.json")
   with open(path, "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
@@ -74,7 +92,8 @@ def _report(summary: dict, workdir: str) -> str:
   vq, cls, unc, seg = (summary.get(k, {}) for k in ("vqgan", "gpt_class", "gpt_uncond", "gpt_seg"))
   lines = [
       "",
-      "vqgan_jax demo finished in %.0f s. Results under %s:" % (summary["total_seconds"], workdir),
+      "vqgan_jax demo: %.0f s of training and sampling (this run %.0f s). Results under %s:" % (
+          summary["total_seconds"], summary["this_run_seconds"], workdir),
       "  stage 1 (val): PSNR %.2f dB, L1 %.4f, LPIPS %.4f, codebook usage %.1f%%" % (
           vq.get("val_psnr", float("nan")), vq.get("val_l1", float("nan")),
           vq.get("val_lpips", float("nan")), vq.get("val_codebook_usage", float("nan"))),

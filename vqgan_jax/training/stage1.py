@@ -171,7 +171,13 @@ class Stage1Setup:
       rec = losses.pixel_loss(x, x_rec, cfg.pixel_loss)
       perceptual = jnp.zeros((), jnp.float32)
       if cfg.perceptual_weight > 0:
-        perceptual = jnp.mean(lpips.lpips_distance(lpips_params, x, x_rec))
+        pad = int(cfg.get("perceptual_pad", 0))
+        if pad:  # reflect both images, so that VGG's zero padding lies outside them
+          x_p, x_rec_p = (jnp.pad(a, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+                          for a in (x, x_rec))
+        else:
+          x_p, x_rec_p = x, x_rec
+        perceptual = jnp.mean(lpips.lpips_distance(lpips_params, x_p, x_rec_p))
       return rec + cfg.perceptual_weight * perceptual, (rec, perceptual)
 
     nll, nll_vjp, (rec, perceptual) = jax.vjp(nll_fn, x_rec, has_aux=True)
@@ -381,6 +387,8 @@ class Stage1Setup:
     mse = jnp.mean(diff * diff, axis=(1, 2, 3))
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))  # data range 2 for [-1, 1]
     sums = {"l1": l1, "mse": mse, "psnr": psnr}
+    if min(x.shape[1:3]) > 4:
+      sums["border_ratio"] = metrics_lib.border_ratio(x, x_rec)
     if lpips_params is not None:
       sums["lpips"] = lpips.lpips_distance(lpips_params, x, x_rec)
     sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
