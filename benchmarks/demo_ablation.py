@@ -34,7 +34,10 @@ VARIANTS = {
     "lpips_pad8": {"loss.perceptual_pad": 8},
     "no_restarts": {"model.restart_dead_codes": False},
     "plain_lookup": {"model.codebook_dim": 0, "model.l2_normalize": False},
+    # The GAN for the last 200 steps, the discriminator trained on the updated generator's
+    # reconstructions (the reference's order, the default) or on the step's first ones.
     "gan_at_400": {"loss.disc_start": 400},
+    "gan_at_400_stale": {"loss.disc_start": 400, "loss.disc_on_stale_reconstructions": True},
     "lr_1e-4": {"learning_rate": 1e-4},
 }
 COLUMNS = (("val_psnr", "val PSNR (dB)", "{:.2f}"), ("val_l1", "val L1", "{:.4f}"),

@@ -90,3 +90,14 @@ def mock_feature_fn(dim: int = 16, seed: int = 0):
     return {"pool": pool, "logits": pool @ w_logits}
 
   return features
+
+
+def override(config, overrides):
+  """Sets {"a.b.c": value} keys of a ConfigDict in place; returns it."""
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config

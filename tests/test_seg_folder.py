@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,13 +34,7 @@ def seg_config(root, **overrides):
   c.seg_folder.folder_path = root
   c.seg_folder.val_fraction = 0.2
   c.label_maps.num_classes = len(scenes.CLASS_NAMES)
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return helpers.override(c, overrides)
 
 
 def colour_classes(images):
@@ -191,7 +186,6 @@ def test_both_stages_train_on_a_seg_folder(scene_root, tmp_path, tmp_path_factor
   """A conditioning VQGAN of the maps and a spatial GPT train on the pairs (the image
   VQGAN is the session's shared tiny one: any RGB VQGAN encodes the scenes); tokens
   export with their condition codes; samples are drawn from val maps."""
-  import helpers  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
   from configs import transformer_tiny  # pylint: disable=g-import-not-at-top
   from vqgan_jax import export_tokens, sample  # pylint: disable=g-import-not-at-top
   from vqgan_jax.training import stage1, stage2  # pylint: disable=g-import-not-at-top

@@ -16,6 +16,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import helpers
 import numpy as np
 import pytest
 
@@ -73,13 +74,7 @@ def tiny_stage2_config(stage1_dir, kind="class", **overrides):
   c.cond.kind = kind
   c.cond.cfg_dropout = 0.1 if kind == "class" else 0.0
   c.async_checkpointing = False
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return helpers.override(c, overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -511,7 +506,6 @@ def test_eval_runs_on_every_conditioning(kind, class_run, stage1_dir, seg_dir, t
   """`evaluate_stage2` on a briefly trained checkpoint of each kind: bits/token and the
   sample metrics (spatial: the val split's maps; coord: drawn origins) are all there and
   finite; FID of the val features against themselves is ~0."""
-  import helpers  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
   from vqgan_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   if kind == "class":
     workdir, config, _ = class_run

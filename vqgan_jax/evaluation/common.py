@@ -10,6 +10,7 @@ pieces that the tests exercise with known inputs are pure functions:
 
 import json
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import jax
@@ -259,3 +260,16 @@ def generated_image_metrics(fake_pool: np.ndarray, fake_logits: Optional[np.ndar
     out["kid_skipped"] = "needs real features; reference statistics hold only mu/sigma"
     out["precision_recall_skipped"] = out["kid_skipped"]
   return out
+
+
+def finish_results(results: Dict[str, Any], start: float, json_path: Optional[str],
+                   output_json: Optional[str] = None) -> Dict[str, Any]:
+  """Adds eval_seconds and, with `json_path` (process 0 writing), writes the results there
+  (and to `output_json`); returns them."""
+  results["eval_seconds"] = time.time() - start
+  if json_path:
+    results["json"] = json_path
+    write_json(json_path, results)
+    if output_json:
+      write_json(output_json, results)
+  return results

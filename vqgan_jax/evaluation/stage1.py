@@ -209,14 +209,10 @@ def evaluate_stage1(config, workdir: str, *, step: Optional[int] = None,
       grid = visualize.make_grid([originals, recons], row_labels=["original", "reconstruction"])
       results["reconstruction_grid"] = visualize.save_png(
           os.path.join(out_dir, f"stage1_step{frozen.step}_reconstructions.png"), grid)
-    results["eval_seconds"] = time.time() - start
-    results["json"] = os.path.join(out_dir, f"stage1_step{frozen.step}.json")
-    common.write_json(results["json"], results)
-    if output_json:
-      common.write_json(output_json, results)
-  else:
-    results["eval_seconds"] = time.time() - start
-  return results
+    return common.finish_results(results, start,
+                                 os.path.join(out_dir, f"stage1_step{frozen.step}.json"),
+                                 output_json)
+  return common.finish_results(results, start, None)
 
 
 def _colorize(onehot_like: np.ndarray) -> np.ndarray:

@@ -266,14 +266,9 @@ def evaluate_stage2(config, workdir: str, *, step: Optional[int] = None,
       grid = visualize.square_grid(np.concatenate(samples)[:64])
       results["sample_grid"] = visualize.save_png(
           os.path.join(out_dir, f"stage2_step{step}_samples.png"), grid)
-    results["eval_seconds"] = time.time() - start
-    results["json"] = os.path.join(out_dir, f"stage2_step{step}.json")
-    common.write_json(results["json"], results)
-    if output_json:
-      common.write_json(output_json, results)
-  else:
-    results["eval_seconds"] = time.time() - start
-  return results
+    return common.finish_results(results, start,
+                                 os.path.join(out_dir, f"stage2_step{step}.json"), output_json)
+  return common.finish_results(results, start, None)
 
 
 def _real_images(batch) -> np.ndarray:
