@@ -74,8 +74,21 @@ def restore_or_start(config, manager, workdir: str, *, make_train_iter: Callable
   hyper-parameters written on a fresh start).
 
   make_train_iter(seed) builds this process's training iterator; make_state(model,
-  trainer) assembles the state from restored items.
+  trainer) assembles the state from restored items. On an error (bad data, a checkpoint
+  that does not fit) the manager is closed before the error propagates, so that its
+  background threads do not fail on the interpreter's exit.
   """
+  try:
+    return _restore_or_start(config, manager, workdir, make_train_iter=make_train_iter,
+                             abstract_model=abstract_model, abstract_trainer=abstract_trainer,
+                             init_state=init_state, make_state=make_state)
+  except BaseException:
+    manager.close()
+    raise
+
+
+def _restore_or_start(config, manager, workdir: str, *, make_train_iter, abstract_model,
+                      abstract_trainer, init_state, make_state):
   train_iter = make_train_iter(config.seed)
   start_step = manager.latest_step()
   if start_step is not None:

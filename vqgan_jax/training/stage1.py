@@ -494,6 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate_batch_sizes(config, mesh)
+  data.dataset_info(config.data)  # a missing or empty source fails before the workdir is touched
   runner = Stage1Runner(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep,

@@ -329,6 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config_lib.validate_batch_sizes(config, mesh)
 
   # Everything that can be checked without compiling comes first.
+  if not config.tokens_dir:
+    data.dataset_info(config.data)  # a missing or empty source fails before the workdir
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep,
                                        config.async_checkpointing)
