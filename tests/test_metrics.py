@@ -263,3 +263,19 @@ def test_knn_radii_hand_computed():
   pts = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
   np.testing.assert_allclose(metrics.knn_radii(pts, k=3, batch_size=2),
                              np.array([6, 5, 3, 5, 9]) ** 2)
+
+
+def test_border_ratio_sees_a_fringe_the_mean_hides():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+  even = x + 0.1                                        # the same error everywhere
+  np.testing.assert_allclose(np.asarray(metrics.border_ratio(x, even)), 1.0, rtol=1e-4)
+  fringe = x.copy()
+  fringe[:, :, :1] += 0.5                               # a 1-pixel coloured left edge
+  fringe[:, 2:-2, 2:-2] += 0.05
+  ratio = np.asarray(metrics.border_ratio(x, fringe))
+  # ring: 32 of its 240 pixels off by 0.5, the rest exact; inside: all off by 0.05
+  np.testing.assert_allclose(ratio, (32 * 0.5 / 240) / 0.05, rtol=1e-4)
+  assert float(metrics.l1(x, fringe)) < 0.07           # while the image-wide L1 stays low
+  with pytest.raises(ValueError, match="no interior"):
+    metrics.border_ratio(x[:, :4, :4], x[:, :4, :4])
