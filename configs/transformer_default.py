@@ -107,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000
   config.num_eval_batches = 8          # 0: the whole val split
   config.eval_batch_size = 16
+  # GPT samples written to TensorBoard at each evaluation (`val_samples`: the val tokens'
+  # own images over samples drawn after their condition prefixes); 0 = none.
+  config.eval_samples = 8
   config.unigram_batches = 8           # train batches for the unigram-entropy baseline; 0 = off
   config.checkpoint_every_steps = 1000
   config.max_checkpoints_to_keep = 3

@@ -7,6 +7,9 @@ both networks move, the adaptive weight is a usable number; and a GPT predicts t
 far better than their unigram frequencies.
 """
 
+import glob
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -90,7 +93,20 @@ def test_stage2_beats_the_unigram_entropy(tmp_path_factory, tmp_path):
   c.eval_every_steps = c.checkpoint_every_steps = 200
   c.num_eval_batches, c.eval_batch_size = 0, 8
   c.unigram_batches = 8
-  metrics = stage2_trainer.train_and_evaluate(c, str(tmp_path / "gpt"))
+  c.eval_samples = 4
+  workdir = str(tmp_path / "gpt")
+  metrics = stage2_trainer.train_and_evaluate(c, workdir)
   unigram = metrics["unigram_entropy_bits"]
   assert unigram > 3.0, metrics            # the tokens are varied enough to be a test
   assert metrics["val_bits_per_token"] < 0.8 * unigram, metrics
+  # TensorBoard has the GPT's samples of each evaluation (steps 0 and 200).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (clu's writer needs it anyway)
+  steps = []
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "val_samples":
+          image = tf.io.decode_image(tf.make_ndarray(value.tensor)[-1]).numpy()
+          assert image.shape[0] > 2 * 16 and image.shape[1] > 4 * 16   # 2 rows of 4
+          steps.append(event.step)
+  assert sorted(steps) == [0, 200], steps

@@ -39,11 +39,11 @@ import numpy as np
 import optax
 
 from vqgan_jax import (checkpointing, conditioning, config_lib, data, handoff,
-                       losses)
+                       losses, sampling, visualize)
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import sharding
 from vqgan_jax.data import tokens as tokens_lib
-from vqgan_jax.models import transformer
+from vqgan_jax.models import transformer, vqgan
 from vqgan_jax.training import loop as train_loop
 from vqgan_jax.training import optim
 from vqgan_jax.training import utils as train_utils
@@ -206,6 +206,10 @@ class Stage2Runner:
                                out_shardings=(repl, repl))
     self._count = jax.jit(traced(self.setup.count_step),
                           in_shardings=(self.batch_sharding, repl, repl), out_shardings=repl)
+    self._sequences = jax.jit(
+        traced(lambda frozen_params, batch, key: self.setup.sequence(
+            frozen_params, batch, key, train=False)),
+        in_shardings=(repl, self.batch_sharding, repl), out_shardings=self.batch_sharding)
 
   def init_state(self) -> Stage2State:
     return self._init(self.setup.rng)
@@ -233,6 +237,29 @@ class Stage2Runner:
     loss = nll / count
     return ({"val_loss": loss, "val_bits_per_token": loss / LN2},
             np.asarray(jax.device_get(counts), np.float64))
+
+  def sample_images(self, params, batch, count: int, key) -> Tuple[np.ndarray, np.ndarray]:
+    """(samples, originals), each (count, H, W, C) in [-1, 1]: the GPT's image tokens drawn
+    after the condition prefixes of the first `count` examples of a val batch (their class,
+    map codes or crop origin), decoded by the frozen VQGAN, with those examples' own
+    images (decoded from their tokens). For TensorBoard at each evaluation."""
+    setup = self.setup
+    sequences = self._sequences(self.frozen, self.select(batch, True), key)
+    rows = np.asarray(sharding.host_array(sequences))[:count]
+    prefix = jnp.asarray(rows[:, :setup.prefix_len], jnp.int32)
+    s = self.config.sampling
+    tokens = sampling.sample({"params": params}, setup.gpt, prefix,
+                             setup.window[0] * setup.window[1], jax.random.fold_in(key, 1),
+                             temperature=float(s.temperature), top_k=int(s.top_k) or None,
+                             top_p=float(s.top_p) or None, num_image_codes=setup.layout.n_codes)
+    first_model = setup.first_model
+    grid = tuple(int(g) for g in setup.window)
+    decode = jax.jit(lambda p, t: first_model.apply(
+        vqgan.as_variables(p), t.reshape((t.shape[0],) + grid),
+        method=vqgan.VQModel.decode_indices))
+    real = jnp.asarray(rows[:, setup.prefix_len:], jnp.int32)
+    return tuple(np.clip(np.asarray(decode(self.frozen["first"], t)), -1.0, 1.0)
+                 for t in (tokens, real))
 
   def token_counts(self, batches) -> np.ndarray:
     counts = np.zeros((self.setup.layout.n_codes,), np.int64)
@@ -384,6 +411,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                                                          val_counts)
     writer.write_scalars(step, metrics)
     logging.info("eval step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    # Single-process runs only: the sampler here takes host arrays (multi-host runs sample
+    # with `python -m vqgan_jax.sample`, which splits the batch over the mesh).
+    count = int(config.get("eval_samples", 0)) if jax.process_count() == 1 else 0
+    if count > 0:
+      batch = next(iter(_eval_batches(config, val_from_tokens)))
+      count = min(count, int(batch["mask"].sum()))
+      samples, originals = runner.sample_images(state.params, batch, count,
+                                                jax.random.PRNGKey(config.seed + 3))
+      if jax.process_index() == 0:
+        grid = visualize.make_grid([originals, samples],
+                                   row_labels=["val tokens", f"sample {step}"])
+        writer.write_images(step, {"val_samples": grid[None]})
     return metrics
 
   def save_checkpoint(step, state, force=False):
