@@ -50,7 +50,8 @@ def stage1_results(workdir, config, tmp_path_factory):
 
 def test_stage1_json_has_every_metric(stage1_results, workdir, config):
   results, out = stage1_results
-  for key in ("l1", "mse", "psnr", "ssim", "lpips", "codebook_usage", "code_perplexity",
+  for key in ("l1", "mse", "psnr", "ssim", "lpips", "border_ratio", "codebook_usage",
+              "code_perplexity",
               "code_entropy_bits", "codebook_size", "codes_used", "num_images", "step",
               "reconstruction_grid", "fid_skipped"):
     assert key in results, key
@@ -97,6 +98,8 @@ def test_stage1_metrics_match_direct_computation(stage1_results, workdir, config
   np.testing.assert_allclose(results["psnr"], float(metrics.psnr(x, x_rec)), rtol=1e-5)
   np.testing.assert_allclose(results["ssim"], float(metrics.ssim(x, x_rec)), rtol=1e-4,
                              atol=1e-6)
+  np.testing.assert_allclose(results["border_ratio"],
+                             float(np.mean(metrics.border_ratio(x, x_rec))), rtol=1e-5)
   counts = np.bincount(np.asarray(out["indices"])[mask].ravel(), minlength=K)
   assert results["codebook_usage"] == metrics.codebook_usage(counts)
   np.testing.assert_allclose(results["code_perplexity"], metrics.code_perplexity(counts))

@@ -77,6 +77,8 @@ def make_stage1_eval_step(frozen, *, use_ssim: bool, use_lpips: bool) -> Callabl
     per = {"l1": jnp.mean(jnp.abs(diff), axis=(1, 2, 3)), "mse": mse,
            # data range 2 on [-1, 1]; the floor keeps a perfect reconstruction finite
            "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))}
+    if min(x.shape[1:3]) > 4:  # error on the 2-pixel ring over the interior's (fringes)
+      per["border_ratio"] = metrics.border_ratio(x, x_rec)
     if use_ssim:
       per["ssim"] = metrics.ssim(x, x_rec, per_image=True)
     if use_lpips:
