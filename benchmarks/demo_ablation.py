@@ -27,17 +27,20 @@ from vqgan_jax.training import stage1 as stage1_trainer  # pylint: disable=g-imp
 # name -> {config key path: value}, each on top of configs/vqgan_demo.py.
 VARIANTS = {
     "demo": {},
+    # The reference's LPIPS (no padding), then each other change on top of it.
+    "lpips_pad0": {"loss.perceptual_pad": 0},
+    "lpips_pad4": {"loss.perceptual_pad": 4},
+    "no_lpips": {"loss.perceptual_weight": 0.0},
     # The reference GroupNorm (32 groups): at ch = 32 each group is one channel, so every
     # feature map is normalised per image on its own (an instance norm).
-    "groups32": {"model.norm_groups": 32},
-    "no_lpips": {"loss.perceptual_weight": 0.0},
-    "lpips_pad8": {"loss.perceptual_pad": 8},
+    "groups32_pad0": {"model.norm_groups": 32, "loss.perceptual_pad": 0},
     "no_restarts": {"model.restart_dead_codes": False},
     "plain_lookup": {"model.codebook_dim": 0, "model.l2_normalize": False},
     # The GAN for the last 200 steps, the discriminator trained on the updated generator's
     # reconstructions (the reference's order, the default) or on the step's first ones.
-    "gan_at_400": {"loss.disc_start": 400},
-    "gan_at_400_stale": {"loss.disc_start": 400, "loss.disc_on_stale_reconstructions": True},
+    "gan_at_400_pad0": {"loss.disc_start": 400, "loss.perceptual_pad": 0},
+    "gan_at_400_stale_pad0": {"loss.disc_start": 400, "loss.perceptual_pad": 0,
+                              "loss.disc_on_stale_reconstructions": True},
     "lr_1e-4": {"learning_rate": 1e-4},
 }
 COLUMNS = (("val_psnr", "val PSNR (dB)", "{:.2f}"), ("val_l1", "val L1", "{:.4f}"),
