@@ -94,6 +94,7 @@ def stage1_config(kind: str, seed: int, steps: int, plain_lookup: bool = False):
   m.quantizer = kind
   for key, value in BUDGET[kind].items():
     m[key] = value
+  m.restart_dead_codes = kind == "vq"  # the demo's restarts exist for vq's codebook only
   if plain_lookup and kind in ("vq", "vq_ema", "simvq"):
     m.codebook_dim, m.l2_normalize = 0, False
   config.seed = seed
