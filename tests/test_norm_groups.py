@@ -30,6 +30,8 @@ def _vqgan_configs():
     if info.name in _EXEMPT:
       continue
     module = importlib.import_module(f"configs.{info.name}")
+    if not hasattr(module, "get_config"):  # shared pieces, e.g. configs/scenes_data.py
+      continue
     config = module.get_config()
     if config.get("stage") == "vqgan":
       yield info.name, config

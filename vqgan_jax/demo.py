@@ -27,7 +27,12 @@ from vqgan_jax.training import stage1 as stage1_trainer
 from vqgan_jax.training import stage2 as stage2_trainer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/demo", "Where all demo runs and images go.")
+
+
+def _define_flags():
+  # Defined when run as a command only, so that importing this module (tests) does not
+  # claim --workdir, which other modules' flags use too.
+  flags.DEFINE_string("workdir", "runs/demo", "Where all demo runs and images go.")
 
 
 def _previous_summary(workdir: str) -> dict:
@@ -119,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
