@@ -39,8 +39,17 @@ def _message(error: BaseException) -> str:
   return " ".join(text.split()) or type(error).__name__
 
 
+def _read_only_notice(record: logging.LogRecord) -> bool:
+  """orbax's warnings that a manager opened read-only (as every loader opens one) changes
+  its save options: expected, not something for the user to act on."""
+  return ("orbax" in (record.pathname or "") and record.levelno == logging.WARNING
+          and ("read_only=True" in str(record.msg) or "read only" in str(record.msg)))
+
+
 def _own_record(record: logging.LogRecord) -> bool:
   """Records this project logged (the root logger from our files) or warnings."""
+  if _read_only_notice(record):
+    return False
   if record.levelno >= logging.WARNING:
     return True
   path = os.path.abspath(record.pathname or "")
