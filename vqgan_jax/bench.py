@@ -313,7 +313,7 @@ def bench_stage1(config) -> Dict[str, Any]:
     result["disc_orders"]["updated_over_stale"] = (
         statistics.median(orders["updated"]) / statistics.median(orders["stale"]))
   result["examples_per_s"] = b / result["step_s_median"]
-  model_kwargs = flops_lib._model_kwargs(m)  # pylint: disable=protected-access
+  model_kwargs = flops_lib.model_kwargs(m)
   parts = flops_lib.stage1_train_step_breakdown(
       b, size, model_kwargs, perceptual=config.loss.perceptual_weight > 0, use_gan=FLAGS.gan,
       disc_ndf=config.loss.disc_ndf, disc_layers=config.loss.disc_num_layers)

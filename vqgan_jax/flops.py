@@ -138,14 +138,15 @@ def vqgan_forward_flops(*args, **kwargs) -> int:
   return sum(vqgan_forward_breakdown(*args, **kwargs).values())
 
 
-def _model_kwargs(model_config) -> Dict:
+def model_kwargs(model_config) -> Dict:
+  """The VQGAN shape keys of a `config.model` that the FLOP counts take."""
   keys = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "in_channels",
           "out_ch", "z_channels", "embed_dim", "n_embed", "codebook_dim")
   return {k: model_config[k] for k in keys}
 
 
 def vqgan_forward_flops_from_config(model_config, batch: int, image_size: int) -> int:
-  return vqgan_forward_flops(batch, image_size, **_model_kwargs(model_config))
+  return vqgan_forward_flops(batch, image_size, **model_kwargs(model_config))
 
 
 # ---------------------------------------------------------------------------- LPIPS / D
@@ -249,7 +250,7 @@ def stage1_step_flops_from_config(config, batch: Optional[int] = None,
                                   use_gan: bool = False) -> int:
   batch = config.batch_size if batch is None else batch
   parts = stage1_train_step_breakdown(
-      batch, config.data.image_size, _model_kwargs(config.model),
+      batch, config.data.image_size, model_kwargs(config.model),
       perceptual=config.loss.perceptual_weight > 0, use_gan=use_gan,
       disc_ndf=config.loss.disc_ndf, disc_layers=config.loss.disc_num_layers)
   return sum(parts.values())
