@@ -9,6 +9,7 @@ flags.FLAGS.mark_as_parsed()
 import os  # pylint: disable=g-import-not-at-top,wrong-import-order
 
 import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 # Tests build the same tiny programs many times (every trainer run recompiles its
 # steps); the persistent compilation cache turns the repeats into cache hits.
@@ -19,3 +20,13 @@ jax.config.update("jax_compilation_cache_dir",
                                               "jax_compile_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module")
+def fast_prng():
+  """The unsafe_rbg PRNG for a module: threefry initialisers compile far slower, and these
+  tests compare runs with each other, not with fixed random draws."""
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "unsafe_rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", previous)

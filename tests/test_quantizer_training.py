@@ -39,12 +39,7 @@ LOOKUP_DIM = {"fsq": 3, "lfq": 5}                # the others: embed_dim (32)
 STATEFUL = ("vq_ema", "simvq")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_prng():
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "unsafe_rbg")
-  yield
-  jax.config.update("jax_default_prng_impl", previous)
+pytestmark = pytest.mark.usefixtures("fast_prng")  # tests/conftest.py
 
 
 def stage1_config(kind):
@@ -206,7 +201,10 @@ def test_quantizer_config_errors_name_the_key(kind, keys, named):
 def test_dead_code_restart_stays_available_for_vq():
   config = stage1_config("vq")
   config.model.restart_dead_codes = True
-  config_lib.validate_vqgan_config(config)
+  assert config_lib.validate_vqgan_config(config) is None      # accepted for vq
+  config.model.quantizer = "vq_ema"
+  with pytest.raises(config_lib.ConfigError, match=r"restart_dead_codes"):
+    config_lib.validate_vqgan_config(config)                     # refused for the others
 
 
 def test_imagenet_fsq_config():

@@ -25,13 +25,7 @@ from vqgan_jax.models import vqgan
 from vqgan_jax.training import stage1 as stage1_trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_prng():
-  # As tests/test_quantizer_training.py: threefry initialisers compile far slower.
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "unsafe_rbg")
-  yield
-  jax.config.update("jax_default_prng_impl", previous)
+pytestmark = pytest.mark.usefixtures("fast_prng")  # tests/conftest.py
 
 
 def order_config(stale: bool, disc_start: int = 0):

@@ -39,11 +39,11 @@ import numpy as np
 import optax
 
 from vqgan_jax import (checkpointing, conditioning, config_lib, data, handoff,
-                       losses, sampling, visualize)
+                       generation, losses, sampling, visualize)
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import sharding
 from vqgan_jax.data import tokens as tokens_lib
-from vqgan_jax.models import transformer, vqgan
+from vqgan_jax.models import transformer
 from vqgan_jax.training import loop as train_loop
 from vqgan_jax.training import optim
 from vqgan_jax.training import utils as train_utils
@@ -190,6 +190,7 @@ class Stage2Runner:
         self.state_shardings)
     repl = sharding.replicated(self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.first = first
     self.frozen = {"first": sharding.place(first.params, repl, abstract)}
     if cond is not None:
       self.frozen["cond"] = sharding.place(cond.params, repl, abstract)
@@ -252,14 +253,9 @@ class Stage2Runner:
                              setup.window[0] * setup.window[1], jax.random.fold_in(key, 1),
                              temperature=float(s.temperature), top_k=int(s.top_k) or None,
                              top_p=float(s.top_p) or None, num_image_codes=setup.layout.n_codes)
-    first_model = setup.first_model
-    grid = tuple(int(g) for g in setup.window)
-    decode = jax.jit(lambda p, t: first_model.apply(
-        vqgan.as_variables(p), t.reshape((t.shape[0],) + grid),
-        method=vqgan.VQModel.decode_indices))
     real = jnp.asarray(rows[:, setup.prefix_len:], jnp.int32)
-    return tuple(np.clip(np.asarray(decode(self.frozen["first"], t)), -1.0, 1.0)
-                 for t in (tokens, real))
+    return tuple(np.asarray(generation.decode_rows(self.first, self.frozen["first"], t,
+                                                   setup.window)) for t in (tokens, real))
 
   def token_counts(self, batches) -> np.ndarray:
     counts = np.zeros((self.setup.layout.n_codes,), np.int64)
