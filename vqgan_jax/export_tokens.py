@@ -29,6 +29,7 @@ everything succeeded; on an error the temporary folder is removed.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -80,10 +81,13 @@ class _SplitReader:
   def _photos(self):
     return data.photo_layout(self.data_config)
 
+  # Scanned once per reader, not once per loaded example (a scan walks the whole folder).
+  @functools.cached_property
   def _folder_entries(self):
     scan = data.scan_folder(self.data_config.folder)
     return scan.train if self.split == "train" else scan.val
 
+  @functools.cached_property
   def _seg_pairs(self):
     scan = data.scan_seg_folder(self.data_config.seg_folder, data.label_spec(self.data_config))
     return scan.train if self.split == "train" else scan.val
@@ -98,9 +102,9 @@ class _SplitReader:
     if name == "photos":
       return [len(self._base_photo_windows(p)) for p in self._photos()]
     if name == "folder":
-      return [1] * len(self._folder_entries())
+      return [1] * len(self._folder_entries)
     if name == "seg_folder":
-      return [1] * len(self._seg_pairs())
+      return [1] * len(self._seg_pairs)
     if name == "tfds":
       return [1] * len(self._tfds())
     raise ExportError(f"data.name={name!r}: must be one of {data.SOURCE_NAMES}")
@@ -120,10 +124,10 @@ class _SplitReader:
       return photo.image, photo.segmentation, source_index, region, windows
     seg = None
     if name == "folder":
-      path, label = self._folder_entries()[source_index]
+      path, label = self._folder_entries[source_index]
       image = data.resize_short_side(data.decode_image(path, size), size)
     elif name == "seg_folder":
-      image_path, label_path = self._seg_pairs()[source_index]
+      image_path, label_path = self._seg_pairs[source_index]
       image, seg = data.load_seg_pair(image_path, label_path,
                                       data.label_spec(self.data_config), size)
       label = 0
